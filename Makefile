@@ -1,0 +1,30 @@
+# make lab   — set up .venv and open the course in JupyterLab
+# make test  — set up .venv and run every test: unit tests, then every notebook (quick mode) under nbval
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: lab test unit notebooks pretrain clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch 2.13.0 first: pinned, so that pip never swaps it for a different (multi-GB) build later
+	$(PY) -m pip install --quiet "torch==2.13.0" || $(PY) -m pip install --quiet torch
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+lab: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: $(VENV)/.installed
+	MINIPEFT_QUICK=1 $(PY) -m pytest -q tests
+	MINIPEFT_QUICK=1 $(PY) -m pytest -q --nbval-lax notebooks
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+pretrain: $(VENV)/.installed
+	$(PY) -m minipeft pretrain
+
+clean:
+	rm -rf $(VENV)

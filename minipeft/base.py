@@ -1,0 +1,79 @@
+"""The pretrained base model: how it is made (``python -m minipeft pretrain``) and loaded (``load_base()``).
+
+Adaptation only means something for a pretrained model, so the course ships one in ``data/base/``:
+the toy GPT trained on a mix of the pretraining tasks (copy, reverse, sort, add). The recipe below
+is the whole story: anyone can re-run it and get the same weights on the same machine and torch
+version (bit-for-bit equality across machines is not promised: float summation order differs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import GPT, GPTConfig
+from .tasks import DOWNSTREAM_TASKS, PRETRAIN_TASKS, make_task
+from .train import evaluate, train
+
+BASE_DIR = Path(os.environ.get("MINIPEFT_BASE", Path(__file__).resolve().parent.parent / "data" / "base"))
+PRETRAIN_RECIPE = dict(steps=3500, lr=2e-3, batch_size=64, warmup=100, weight_decay=0.1, seed=0)
+
+
+def pretrain(out_dir: str | Path = BASE_DIR, progress: bool = True, **overrides) -> dict:
+    """Pretrain a fresh GPT on the mixture of ``PRETRAIN_TASKS`` and save it to ``out_dir``.
+
+    Returns the report written beside the weights: exact match per task (pretraining and
+    downstream), parameter count and wall time.
+    """
+    recipe = {**PRETRAIN_RECIPE, **overrides}
+    torch.manual_seed(recipe["seed"])
+    model = GPT(GPTConfig())
+    tasks = [make_task(name, seed=0, n_train=8000) for name in PRETRAIN_TASKS]
+    t0 = time.perf_counter()
+    hist = train(model, tasks, device="cpu", progress=progress, **recipe)
+    seconds = time.perf_counter() - t0
+    accuracy = {name: evaluate(model, make_task(name, seed=0, n_train=8000))
+                for name in PRETRAIN_TASKS + DOWNSTREAM_TASKS}
+    report = {
+        "recipe": recipe,
+        "params": sum(p.numel() for p in model.parameters()),
+        "pretrain_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "final_loss": round(sum(hist.loss[-50:]) / 50, 4),
+        "exact_match": accuracy,
+    }
+    save_base(model, out_dir, report)
+    return report
+
+
+def save_base(model: GPT, out_dir: str | Path, report: dict | None = None) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+    if report is not None:
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def load_base(path: str | Path = BASE_DIR, device=None) -> GPT:
+    """A fresh copy of the pretrained base model (a new object with its own tensors at every call)."""
+    path = Path(path)
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"no base model at {path}: run `python -m minipeft pretrain` to make it")
+    config = GPTConfig(**json.loads((path / "config.json").read_text()))
+    model = GPT(config)
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def base_report(path: str | Path = BASE_DIR) -> dict:
+    """The report written when the shipped base was pretrained (accuracy per task, time, recipe)."""
+    return json.loads((Path(path) / "report.json").read_text())

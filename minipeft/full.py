@@ -1,0 +1,40 @@
+"""Full fine-tuning, and counting what trains.
+
+Full fine-tuning unfreezes every weight and updates all of them on the new task: the strongest
+baseline, and the most expensive one: with AdamW in fp32 each parameter costs 4 bytes of weight,
+4 of gradient and 8 of optimizer state (two moments), 16 bytes in all, and every task needs its own
+full copy of the model. Every PEFT method instead calls :func:`freeze` and adds a few parameters.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Set ``requires_grad=False`` on every parameter of ``model`` (the first step of every PEFT method)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def full_finetune(model: nn.Module) -> nn.Module:
+    """Make every parameter trainable (full fine-tuning) and return the model."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; a tensor shared by two modules counts once."""
+    trainable = total = 0
+    for p in model.parameters():  # .parameters() already skips duplicates
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print counts in PEFT's format: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330``."""
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")

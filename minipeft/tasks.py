@@ -1,0 +1,157 @@
+"""Toy character-level tasks, generated from a seed (nothing is downloaded).
+
+Every example is one line of text ``task:input=answer.``, for example ``reverse:abcd=dcba.``. The model
+reads the prompt ``reverse:abcd=`` and is scored on the answer ``dcba.`` only (the final ``.`` says
+"stop"). Two families:
+
+* **pretraining tasks** the shipped base model was trained on: ``copy``, ``reverse``, ``sort``, ``add``;
+* **downstream tasks** it never saw, but can learn from what it knows: ``rotate`` (move the first
+  character to the end), ``caesar`` (shift every letter by one, z -> a) and ``sortdesc`` (sort, largest
+  first). Each has a low-resource variant ``<name>_few`` with only 48 training examples.
+
+>>> task = make_task("rotate", seed=0)
+>>> task.train[0]                                                       # doctest: +SKIP
+'rotate:qwxbd=wxbdq.'
+
+Under teacher forcing the model predicts every answer character from the true characters before it,
+so "all answer characters right" (exact match) is the same as greedy decoding getting the answer
+right, in one forward pass.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+PAD_ID = 0
+CHARS = "0123456789abcdefghijklmnopqrstuvwxyz:=,."
+IGNORE = -100  # target value that the loss and the accuracy skip
+
+
+class CharTokenizer:
+    """One id per character; id 0 is padding. ``decode(encode(s)) == s``."""
+
+    def __init__(self, chars: str = CHARS):
+        self.chars = chars
+        self.stoi = {c: i + 1 for i, c in enumerate(chars)}
+        self.itos = {i + 1: c for i, c in enumerate(chars)}
+        self.vocab_size = len(chars) + 1
+
+    def encode(self, text: str) -> list[int]:
+        bad = sorted(set(c for c in text if c not in self.stoi))
+        if bad:
+            raise ValueError(f"characters {bad} of {text!r} are not in the vocabulary {self.chars!r}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos.get(int(i), "") for i in ids)
+
+    def __repr__(self):
+        return f"CharTokenizer(vocab_size={self.vocab_size}, chars={self.chars!r}, pad_id={PAD_ID})"
+
+
+tokenizer = CharTokenizer()
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _letters(rng: random.Random) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8)))
+
+
+def _two_numbers(rng: random.Random) -> str:
+    return f"{rng.randint(0, 99)},{rng.randint(0, 99)}"
+
+
+# name -> (make an input, compute its answer)
+_RULES = {
+    "copy": (_letters, lambda s: s),
+    "reverse": (_letters, lambda s: s[::-1]),
+    "sort": (_letters, lambda s: "".join(sorted(s))),
+    "add": (_two_numbers, lambda s: str(sum(int(n) for n in s.split(",")))),
+    "rotate": (_letters, lambda s: s[1:] + s[0]),
+    "caesar": (_letters, lambda s: "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in s)),
+    "sortdesc": (_letters, lambda s: "".join(sorted(s, reverse=True))),
+}
+PRETRAIN_TASKS = ("copy", "reverse", "sort", "add")
+DOWNSTREAM_TASKS = ("rotate", "caesar", "sortdesc")
+N_FEW = 48  # training examples of a low-resource variant
+TASKS = PRETRAIN_TASKS + DOWNSTREAM_TASKS + tuple(f"{n}_few" for n in DOWNSTREAM_TASKS)
+
+
+def solve(name: str, x: str) -> str:
+    """The answer of task ``name`` for input ``x``: ``solve("rotate", "abc") == "bca"``."""
+    return _RULES[name.removesuffix("_few")][1](x)
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[str]  # full texts, 'rotate:abc=bca.'
+    val: list[str]    # disjoint from train (no input appears in both)
+    seed: int
+
+    def __repr__(self):
+        return (f"Task({self.name!r}, seed={self.seed}, train={len(self.train)}, val={len(self.val)}, "
+                f"example={self.train[0]!r})")
+
+
+def make_task(name: str, seed: int = 0, n_train: int | None = None, n_val: int = 500) -> Task:
+    """Generate task ``name`` (one of ``TASKS``) with a seed; the same seed gives the same examples.
+
+    Inputs are drawn without repetition, so the training and validation splits share no input.
+    ``n_train`` defaults to 2,000 (48 for a ``_few`` variant).
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    base = name.removesuffix("_few")
+    if n_train is None:
+        n_train = N_FEW if name.endswith("_few") else 2000
+    if n_train <= 0 or n_val <= 0:
+        raise ValueError(f"n_train and n_val must be positive, got n_train={n_train}, n_val={n_val}")
+    make_input, _ = _RULES[base]
+    capacity = 100 * 100 if base == "add" else sum(26 ** k for k in range(3, 9))
+    if n_train + n_val > capacity:
+        raise ValueError(f"task {name!r} has only {capacity} distinct inputs; asked for {n_train + n_val}")
+    # a different stream per task, so that tasks with the same seed do not share inputs
+    rng = random.Random(f"{base}-{seed}")
+    inputs: dict[str, None] = {}
+    while len(inputs) < n_train + n_val:
+        inputs[make_input(rng)] = None
+    texts = [f"{base}:{x}={solve(base, x)}." for x in inputs]
+    return Task(name, texts[n_val:], texts[:n_val], seed)
+
+
+def encode_batch(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and targets for next-character prediction, scored on the answer only.
+
+    ``x[b, t]`` is character t of text b; ``y[b, t]`` is character t + 1 where that character belongs
+    to the answer (after the ``=``), else ``IGNORE``.
+
+    >>> x, y = encode_batch(["copy:ab=ab."])
+    >>> tokenizer.decode(x[0]), [tokenizer.decode([i]) if i >= 0 else '-' for i in y[0].tolist()]
+    ('copy:ab=ab', ['-', '-', '-', '-', '-', '-', '-', 'a', 'b', '.'])
+    """
+    ids = [tokenizer.encode(t) for t in texts]
+    T = max(len(s) for s in ids) - 1
+    x = torch.full((len(ids), T), PAD_ID, dtype=torch.long)
+    y = torch.full((len(ids), T), IGNORE, dtype=torch.long)
+    for b, (text, s) in enumerate(zip(texts, ids)):
+        n = len(s) - 1
+        x[b, :n] = torch.tensor(s[:-1])
+        first = text.index("=")  # y[first] is the first answer character
+        y[b, first:n] = torch.tensor(s[first + 1:])
+    return x, y
+
+
+def exact_match(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per row: 1.0 if the argmax is right at every scored position of ``y``, else 0.0."""
+    scored = y != IGNORE
+    right = (logits.argmax(-1) == y) | ~scored
+    return right.all(dim=1).float()
+
+
+def token_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of scored characters whose argmax is right."""
+    scored = y != IGNORE
+    return ((logits.argmax(-1) == y) & scored).sum().item() / max(scored.sum().item(), 1)
