@@ -3,8 +3,11 @@
 One flat namespace::
 
     import minipeft as mp
-    base = mp.load_base()
+    base = mp.load_base()                      # the pretrained toy model shipped in data/
     task = mp.make_task("rotate", seed=0)
+    mp.add_lora(base, r=8, alpha=16)
+    mp.train(base, task, steps=400, lr=1e-2)
+    mp.evaluate(base, task)
 """
 from .model import GPT, GPTConfig, KVCache
 from .tasks import (CHARS, DOWNSTREAM_TASKS, PRETRAIN_TASKS, TASKS, CharTokenizer, Task,
@@ -12,5 +15,17 @@ from .tasks import (CHARS, DOWNSTREAM_TASKS, PRETRAIN_TASKS, TASKS, CharTokenize
 from .train import QUICK, History, budget, default_device, evaluate, train
 from .full import freeze, full_finetune, print_trainable_parameters, trainable_parameters
 from .base import base_report, load_base, pretrain
+
+# --- prompt tuning (prompt.py) ---
+# --- prefix tuning (prefix.py) ---
+# --- adapters (adapter.py) ---
+# --- LoRA (lora.py) ---
+from .lora import (LoRAAdapter, LoRAConfig, LoRALinear, add_lora, find_targets, linear_layers,
+                   lora_layers, merge_lora, subspace_similarity, unmerge_lora)
+from .lora_multi import (active_lora_adapter, delete_lora_adapter, disable_lora, lora_adapter_per_row,
+                         lora_adapters, set_lora_adapter, unload_lora)
+# --- NF4 and QLoRA (nf4.py, qlora.py) ---
+# --- memory (memory.py) ---
+# --- saving and loading adapters (io.py) ---
 
 __version__ = "0.1.0"
