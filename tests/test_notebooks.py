@@ -1,0 +1,38 @@
+"""The notebooks as stored: valid, executed top to bottom, no error in any output.
+
+(nbval runs them; this checks what a reader sees on GitHub or a course site without running them.)
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 2
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_outputs_are_clean(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    assert code, "no code cells"
+    counts = [c.get("execution_count") for c in code]
+    assert None not in counts, "some code cells were never executed: store the outputs of a full run"
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), "cells were not run top to bottom once"
+    for i, cell in enumerate(code):
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", f"code cell {i} stores an error: {out.get('ename')}"
+            text = "".join(out.get("text", "")) if out["output_type"] == "stream" else ""
+            assert "Traceback" not in text, f"code cell {i} stores a traceback"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_versions_and_a_title(path):
+    nb = json.loads(path.read_text())
+    first_md = next(c for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "".join(first_md["source"]).lstrip().startswith("# ")
+    first_code = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+    assert "torch.__version__" in first_code and "QUICK" in first_code
