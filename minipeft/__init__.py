@@ -26,6 +26,8 @@ from .lora_multi import (active_lora_adapter, delete_lora_adapter, disable_lora,
                          lora_adapters, set_lora_adapter, unload_lora)
 # --- NF4 and QLoRA (nf4.py, qlora.py) ---
 # --- memory (memory.py) ---
+from .memory import MemoryBreakdown, SavedTensors, measure_memory, weight_bytes
+from .memory_formula import PRESETS, ModelShape, predict_memory
 # --- saving and loading adapters (io.py) ---
 
 __version__ = "0.1.0"

@@ -1,0 +1,173 @@
+"""Training memory, measured: weights, gradients, optimizer state and activations of one step.
+
+One training step holds four kinds of tensors::
+
+    memory = weights              every parameter and buffer, at its stored dtype (4-bit codes as stored)
+           + gradients            one per trainable parameter
+           + optimizer state      AdamW: two moments per trainable parameter (m and v)
+           + activations          what the forward pass keeps for the backward pass
+
+With fp32 AdamW full fine-tuning costs 4 + 4 + 8 = 16 bytes per parameter before activations. A PEFT
+method shrinks the last three terms of that sum to its few trainable parameters, but the activations
+only shrink where a frozen layer needs no input kept: backpropagation still has to pass through every
+layer above the lowest trainable part. That is why LoRA saves less memory than people expect at long
+sequences and large batches.
+
+:func:`measure_memory` runs one real step and counts each kind. Activations are caught with
+``torch.autograd.graph.saved_tensors_hooks`` (every tensor autograd saves for backward passes through
+the hook), so the count works on the CPU; storages shared by several saved tensors count once, and
+parameters and buffers (saved by e.g. a linear layer for its input gradient) are not activations.
+On CUDA the step's ``torch.cuda.max_memory_allocated`` is reported as well (it also includes the
+short-lived temporaries that no hook sees). :mod:`minipeft.memory_formula` predicts the same numbers
+from a closed-form formula. Activation formula of reference: Korthikanti et al. 2022, "Reducing
+Activation Recomputation in Large Transformer Models", arXiv 2205.05198.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .train import loss_fn, model_device
+
+GB = 1024 ** 3
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes of one training step, by kind. ``weights`` maps a dtype name to bytes (``{"float32": ...}``)."""
+    weights: dict[str, int] = field(default_factory=dict)
+    gradients: int = 0
+    optimizer: int = 0      # AdamW's exp_avg and exp_avg_sq (the one-number 'step' counters are left out)
+    activations: int = 0    # saved for backward, shared storages counted once
+    trainable: int = 0      # trainable parameter count
+    cuda_peak: int | None = None  # torch.cuda.max_memory_allocated during the step (CUDA only)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.gradients + self.optimizer + self.activations
+
+    def parts(self) -> dict[str, int]:
+        """The four stacked parts in bytes: weights, gradients, optimizer, activations."""
+        return {"weights": self.weight_bytes, "gradients": self.gradients,
+                "optimizer": self.optimizer, "activations": self.activations}
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{k}={_fmt(v)}" for k, v in self.parts().items())
+        peak = "" if self.cuda_peak is None else f", cuda_peak={_fmt(self.cuda_peak)}"
+        return f"MemoryBreakdown({parts}, total={_fmt(self.total)}, trainable={self.trainable:,}{peak})"
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("GB", GB), ("MB", 1024 ** 2), ("kB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _storage(t: torch.Tensor):
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of every parameter and buffer by dtype name, each storage once (4-bit codes count as uint8)."""
+    seen, out = set(), {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr, nbytes = _storage(t)
+        if ptr in seen or nbytes == 0:
+            continue
+        seen.add(ptr)
+        name = str(t.dtype).removeprefix("torch.")
+        out[name] = out.get(name, 0) + nbytes
+    return out
+
+
+class SavedTensors:
+    """Context manager that counts the bytes autograd saves for backward, each storage once.
+
+    >>> with SavedTensors(exclude=model.parameters()) as saved:   # doctest: +SKIP
+    ...     loss = model(x).sum()
+    >>> saved.nbytes                                               # doctest: +SKIP
+    """
+
+    def __init__(self, exclude=()):
+        self.exclude = {_storage(t)[0] for t in exclude}
+        self.storages: dict[int, int] = {}  # data_ptr -> bytes
+        self.shapes: list[tuple] = []       # (shape, dtype) of every saved tensor, for inspection
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr, nbytes = _storage(t)
+        self.shapes.append((tuple(t.shape), t.dtype))
+        if ptr not in self.exclude and nbytes:
+            self.storages[ptr] = nbytes
+        return t  # kept as it is: the step runs exactly as without the hook
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0, device=None):
+    """Random token ids and targets ``(B, T)``: memory depends on shapes, not on the text."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)
+    y = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)
+    return x.to(device), y.to(device)
+
+
+def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, batch=None, loss=None,
+                   seed: int = 0) -> MemoryBreakdown:
+    """Run one AdamW training step of ``model`` and count its memory by kind (a :class:`MemoryBreakdown`).
+
+    ``seq_len`` counts the text tokens (prompt tuning adds its virtual tokens in front). ``batch`` may
+    give ``(x, y)`` instead of random tokens, and ``loss(model, x, y)`` another loss than the course's
+    cross-entropy (so any network can be measured). The model is left as it was: the trainable weights
+    are restored after the step and the gradients cleared.
+    """
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (apply a method or full_finetune first)")
+    device = model_device(model)
+    x, y = batch if batch is not None else random_batch(model.config.vocab_size, batch_size, seq_len, seed, device)
+    before = [p.detach().to("cpu", copy=True) for p in params]  # restored after the step
+    was_training = model.training
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), foreach=False)
+    model.train()
+    try:
+        with SavedTensors(exclude=list(model.parameters()) + list(model.buffers())) as saved:
+            value = (loss or loss_fn)(model, x, y)
+        value.backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        opt.step()
+        state = sum(t.numel() * t.element_size() for s in opt.state.values()
+                    for k, t in s.items() if k != "step" and torch.is_tensor(t))
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+                p.grad = None
+        model.train(was_training)
+    return MemoryBreakdown(weight_bytes(model), grads, state, saved.nbytes,
+                           sum(p.numel() for p in params), peak)

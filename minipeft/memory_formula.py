@@ -1,0 +1,286 @@
+"""Training memory, predicted: a closed-form formula for any model shape, method and batch.
+
+The same four parts as :func:`minipeft.measure_memory`, from arithmetic alone::
+
+    weights     = sum over tensors of numel * bytes   (NF4: 0.5 byte per weight + one fp32 absmax per 64)
+    gradients   = trainable * 4                        (bf16 full fine-tuning: * 2)
+    optimizer   = trainable * 8                        AdamW's m and v in fp32 (bf16 full: + 4 for the fp32 master copy)
+    activations = sum over layers of what autograd keeps for backward (below)
+
+Activations, per block, in elements (B batch, T tokens, C = d_model, F = d_ff, h heads, Tk = T + prefix),
+with every part present for full fine-tuning::
+
+    LayerNorm inputs and outputs         4 B T C  (+ 2 B T statistics per LayerNorm: mean, 1/std)
+    q and k^T copies for the scores      2 B T C
+    softmax output                       B h T Tk   (FlashAttention: none; it recomputes the scores)
+    v copy, input of o_proj              2 B T C
+    GELU input and output                2 B T F
+
+= 8BTC + 2BTF + 4BT + BhT^2 per layer in fp32, which is Korthikanti et al.'s ``sbh(34 + 5as/h)`` bytes
+(arXiv 2205.05198) without its dropout masks (our dropout is 0) and at 4 bytes instead of 2: with F = 4C
+their 34 = 2 x (16 elements) + 2 bytes of masks; we add the LayerNorm statistics they neglect.
+
+What a PEFT method removes: autograd saves a tensor only if some gradient needs it. A frozen linear layer
+keeps no input (its weight gradient is not needed), but the layers above the lowest trainable part still
+keep what their *input* gradient needs (LayerNorm inputs, softmax, GELU input, q, k, v). So the formula
+walks one block in the order of the forward pass with a flag "does this tensor need a gradient?"
+(:func:`block_activations`), exactly as autograd decides. Prompt tuning lengthens T by its virtual
+tokens and needs the gradient all the way down; prefix tuning lengthens the keys and values to Tk.
+
+Presets give the published shapes of real models (Hugging Face ``config.json`` files, cited beside
+each), so the formula answers "what would LoRA cost on a 7B model?". For them the formula assumes
+fused norms and, by default, FlashAttention-style attention: an estimate, not a measurement.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .memory import MemoryBreakdown
+from .model import GPTConfig
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+BASE_DTYPES = ("fp32", "bf16", "nf4")
+METHODS = ("full", "prompt", "prefix", "adapter", "lora", "qlora")
+NF4_BLOCK = 64  # weights per fp32 absmax constant
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the formula needs. ``from_config`` reads a :class:`minipeft.GPTConfig` (our toy model)."""
+    name: str
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    n_head: int
+    d_ff: int
+    n_positions: int = 0        # learned position embeddings (0: rotary, no parameters)
+    n_kv_head: int | None = None  # grouped-query attention (Llama-2-70B: 8); None = n_head
+    mlp: str = "gelu"           # "gelu" | "relu": fc_in, fc_out; "swiglu": fc_gate, fc_in (up), fc_out (down)
+    bias: bool = True
+    norm: str = "layernorm"     # "layernorm": weight + bias, keeps mean and 1/std; "rmsnorm": weight, keeps 1/rms
+    tied_head: bool = False     # the output head shares the token embedding
+    source: str = ""
+
+    @classmethod
+    def from_config(cls, config: GPTConfig, name: str = "toy") -> "ModelShape":
+        return cls(name, config.vocab_size, config.d_model, config.n_layer, config.n_head, config.d_ff,
+                   n_positions=config.block_size)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.d_model // self.n_head * (self.n_kv_head or self.n_head)
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear layer of one block, by our names."""
+        C, F, K = self.d_model, self.d_ff, self.kv_dim
+        mlp = {"fc_in": (C, F), "fc_out": (F, C)}
+        if self.mlp == "swiglu":
+            mlp = {"fc_gate": (C, F), **mlp}
+        return {"q_proj": (C, C), "k_proj": (C, K), "v_proj": (C, K), "o_proj": (C, C), **mlp}
+
+    def n_params(self) -> int:
+        """Parameters of the base model."""
+        C, V = self.d_model, self.vocab_size
+        norm = 2 * C if self.norm == "layernorm" else C
+        block = sum(i * o + (o if self.bias else 0) for i, o in self.linears().values()) + 2 * norm
+        head = 0 if self.tied_head else V * C
+        return V * C + self.n_positions * C + self.n_layer * block + norm + head
+
+
+# Published shapes: the config.json of each model on the Hugging Face hub.
+PRESETS = {
+    "toy": ModelShape.from_config(GPTConfig()),
+    "OPT-125M": ModelShape("OPT-125M", 50272, 768, 12, 12, 3072, n_positions=2050, mlp="relu", tied_head=True,
+                           source="huggingface.co/facebook/opt-125m/blob/main/config.json"),
+    "OPT-1.3B": ModelShape("OPT-1.3B", 50272, 2048, 24, 32, 8192, n_positions=2050, mlp="relu", tied_head=True,
+                           source="huggingface.co/facebook/opt-1.3b/blob/main/config.json"),
+    "Llama-2-7B": ModelShape("Llama-2-7B", 32000, 4096, 32, 32, 11008, mlp="swiglu", bias=False, norm="rmsnorm",
+                             source="huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json"),
+    "Llama-2-13B": ModelShape("Llama-2-13B", 32000, 5120, 40, 40, 13824, mlp="swiglu", bias=False, norm="rmsnorm",
+                              source="huggingface.co/meta-llama/Llama-2-13b-hf/blob/main/config.json"),
+    "Llama-2-70B": ModelShape("Llama-2-70B", 32000, 8192, 80, 64, 28672, n_kv_head=8, mlp="swiglu", bias=False,
+                              norm="rmsnorm", source="huggingface.co/meta-llama/Llama-2-70b-hf/blob/main/config.json"),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a method trains and changes, as the formula needs it (built by :func:`method_plan`)."""
+    full: bool = False          # every parameter trains
+    lora: tuple = ()            # ((linear name, r), ...) in every block
+    n_virtual: int = 0          # prompt tuning: extra positions in front of the text
+    n_prefix: int = 0           # prefix tuning: extra keys and values in every layer
+    added: int = 0              # trainable parameters the method adds (0 for full fine-tuning)
+
+    @property
+    def trained(self) -> set[str]:
+        """Linear layers that must keep their input (their weight, or a LoRA on them, trains)."""
+        return {name for name, _ in self.lora}
+
+
+def method_plan(shape: ModelShape, method: str, **options) -> Plan:
+    """The :class:`Plan` of ``method`` with the options of its ``add_*`` function (their defaults too)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    known = {"full": {}, "prompt": {"n_tokens": 20}, "prefix": {"n_prefix": 10},
+             "adapter": {"bottleneck": 16, "placement": "houlsby"},
+             "lora": {"r": 8, "targets": ("q_proj", "v_proj")}}
+    defaults = known["lora" if method == "qlora" else method]
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ValueError(f"{method} takes the options {sorted(defaults) or 'none'}, got {sorted(unknown)}")
+    o = {**defaults, **options}
+    C, L = shape.d_model, shape.n_layer
+    if method == "full":
+        return Plan(full=True)
+    if method == "prompt":
+        return Plan(n_virtual=o["n_tokens"], added=o["n_tokens"] * C)
+    if method in ("lora", "qlora"):
+        layers = shape.linears()
+        targets = (o["targets"],) if isinstance(o["targets"], str) else tuple(o["targets"])
+        names = list(layers) if targets == ("all-linear",) else list(targets)
+        bad = [n for n in names if n not in layers]
+        if bad:
+            raise ValueError(f"LoRA targets {bad} are not linear layers of {shape.name}: {list(layers)}")
+        lora = tuple((n, o["r"]) for n in names)
+        return Plan(lora=lora, added=L * sum(r * sum(layers[n]) for n, r in lora))
+    raise NotImplementedError(method)
+
+
+def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bool, act: int = 4,
+                      flash: bool = False) -> tuple[int, bool]:
+    """Bytes one block keeps for backward, and whether its output needs a gradient.
+
+    Follows the forward pass; ``*_g`` says "this tensor needs a gradient", and a tensor is kept only
+    when the gradient of another input of the same operation needs it. ``act``: bytes per activation.
+    """
+    C, F, h = shape.d_model, shape.d_ff, shape.n_head
+    Tk = T + plan.n_prefix                           # keys and values per query (prefix tuning adds some)
+    trained, r = plan.trained, dict(plan.lora)
+    stats = 2 if shape.norm == "layernorm" else 1    # fp32 mean and 1/std per position (RMSNorm: 1/rms)
+    kept = 0
+
+    def norm(g: bool) -> int:                        # a norm keeps its input and statistics if g
+        return (B * T * C * act + stats * B * T * 4) if g or plan.full else 0
+
+    def lora_out(*names) -> int:                     # LoRA keeps A x (B, T, r) for B's gradient
+        return sum(B * T * r[n] * act for n in names if n in r)
+
+    # x -> ln_1 -> u -> q, k, v
+    kept += norm(grad_in)
+    u_g = grad_in or plan.full
+    qkv = ("q_proj", "k_proj", "v_proj")
+    kept += B * T * C * act if plan.full or trained & set(qkv) else 0   # u, shared by the three
+    kept += lora_out(*qkv)
+    q_g, k_g, v_g = (u_g or plan.full or n in trained for n in qkv)
+    k_g, v_g = k_g or plan.n_prefix > 0, v_g or plan.n_prefix > 0     # the trained prefix joins k and v
+    s_g = q_g or k_g                                 # the scores q k^T need a gradient
+    if flash:    # q, k, v, the output and one fp32 log-sum-exp per query; no T x Tk scores
+        kept += (2 * B * T * C + 2 * B * Tk * C) * act + B * h * T * 4 if s_g or v_g else 0
+    else:
+        kept += B * Tk * C * act if q_g else 0       # k^T, for q's gradient
+        kept += B * T * C * act if k_g else 0        # q, for k's gradient
+        kept += T * Tk if s_g else 0                 # the causal mask (bool) of masked_fill
+        kept += B * h * T * Tk * act if s_g or v_g else 0   # softmax output = weights applied to v
+        kept += B * Tk * C * act if s_g else 0       # v, for the weights' gradient
+    y_g = s_g or v_g
+    kept += B * T * C * act if plan.full or "o_proj" in trained else 0  # o_proj's input
+    kept += lora_out("o_proj")
+    x1_g = grad_in or y_g or plan.full or "o_proj" in trained
+    # x1 -> ln_2 -> u2 -> MLP
+    kept += norm(x1_g)
+    u2_g = x1_g or plan.full
+    mlp_in = ("fc_gate", "fc_in") if shape.mlp == "swiglu" else ("fc_in",)
+    kept += B * T * C * act if plan.full or trained & set(mlp_in) else 0
+    kept += lora_out(*mlp_in, "fc_out")
+    out_trained = plan.full or "fc_out" in trained
+    in_g = {n: u2_g or plan.full or n in trained for n in mlp_in}
+    BTF = B * T * F * act
+    if shape.mlp == "gelu":     # GELU keeps its input; fc_out keeps GELU's output
+        kept += (BTF if in_g["fc_in"] else 0) + (BTF if out_trained else 0)
+    elif shape.mlp == "relu":   # ReLU keeps its output, the very tensor fc_out keeps
+        kept += BTF if in_g["fc_in"] or out_trained else 0
+    else:                       # fc_out(silu(gate) * up): silu keeps gate; the product keeps up and silu(gate)
+        gate_g, up_g = in_g["fc_gate"], in_g["fc_in"]
+        kept += (2 * BTF if gate_g else 0) + (BTF if up_g else 0) + (BTF if out_trained else 0)
+    return kept, x1_g or any(in_g.values()) or out_trained
+
+
+def _shape(model) -> ModelShape:
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, GPTConfig):
+        return ModelShape.from_config(model)
+    if isinstance(model, str) and model in PRESETS:
+        return PRESETS[model]
+    raise ValueError(f"model must be a GPTConfig, a ModelShape or a preset name {list(PRESETS)}, got {model!r}")
+
+
+def activation_bytes(shape: ModelShape, plan: Plan, B: int, T: int, act: int = 4, flash: bool = False) -> int:
+    """Bytes kept for backward by one step on ``B`` sequences of ``T`` text tokens (see the module docstring)."""
+    C, V = shape.d_model, shape.vocab_size
+    Tm = T + plan.n_virtual                      # positions the blocks see
+    grad = plan.full or plan.n_virtual > 0       # does the first block's input need a gradient?
+    kept = 0
+    for _ in range(shape.n_layer):
+        block, grad = block_activations(shape, plan, B, Tm, grad, act, flash)
+        kept += block
+    stats = 2 if shape.norm == "layernorm" else 1
+    kept += (B * Tm * C * act + stats * B * Tm * 4) if grad or plan.full else 0  # final norm
+    kept += B * Tm * C * act if plan.full and not shape.tied_head else 0         # input of the trained head
+    kept += B * T * C * act if plan.full and shape.tied_head else 0
+    kept += B * T * V * 4 + B * T * 8 + 4        # fp32 log-softmax of the logits, int64 targets, the loss weight
+    if plan.full:                                # the embeddings keep their int64 indices
+        kept += B * T * 8 + (T * 8 if shape.n_positions else 0)
+    return kept
+
+
+def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_len: int = 32,
+                   base_dtype: str = "fp32", compute_dtype: str | None = None, flash: bool | None = None,
+                   **options) -> MemoryBreakdown:
+    """The formula's :class:`MemoryBreakdown` of one AdamW training step.
+
+    ``model``: a GPTConfig, a :class:`ModelShape` or a name in ``PRESETS``. ``options`` are those of
+    the method's ``add_*`` function (``r``, ``targets``, ``n_tokens``, ``n_prefix``, ``bottleneck``, ...).
+    ``base_dtype``: how the frozen base is stored, "fp32", "bf16" or "nf4" ("qlora" implies "nf4");
+    bf16 full fine-tuning means mixed precision (bf16 weights and gradients, fp32 master and moments).
+    ``compute_dtype``: of the activations (default fp32 for an fp32 base, else bf16). ``flash``:
+    FlashAttention-style attention (default: on for the real-model presets, off for our own model).
+    """
+    shape = _shape(model)
+    if method == "qlora":
+        base_dtype = "nf4"
+    if base_dtype not in BASE_DTYPES:
+        raise ValueError(f"base_dtype must be one of {BASE_DTYPES}, got {base_dtype!r}")
+    compute_dtype = compute_dtype or ("fp32" if base_dtype == "fp32" else "bf16")
+    if compute_dtype not in DTYPE_BYTES:
+        raise ValueError(f"compute_dtype must be 'fp32' or 'bf16', got {compute_dtype!r}")
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    plan = method_plan(shape, method, **options)
+    if plan.full and base_dtype == "nf4":
+        raise ValueError("full fine-tuning cannot train 4-bit weights: choose base_dtype 'fp32' or 'bf16'")
+    flash = (shape.name in PRESETS and shape.name != "toy") if flash is None else flash
+    N = shape.n_params()
+    weights = {}
+
+    def add(dtype: str, nbytes: int):
+        weights[dtype] = weights.get(dtype, 0) + nbytes
+
+    if base_dtype == "nf4":
+        quantized = shape.n_layer * sum(i * o for i, o in shape.linears().values())
+        per_layer = [i * o for i, o in shape.linears().values()]
+        add("uint8", shape.n_layer * sum((n + 1) // 2 for n in per_layer))              # two codes a byte
+        add("float32", shape.n_layer * sum(-(-n // NF4_BLOCK) for n in per_layer) * 4)  # one absmax a block
+        add(DTYPE_NAMES[compute_dtype], (N - quantized) * DTYPE_BYTES[compute_dtype])
+    else:
+        add(DTYPE_NAMES[base_dtype], N * DTYPE_BYTES[base_dtype])
+    add("float32", plan.added * 4)               # what a PEFT method adds trains in fp32
+    trainable = N if plan.full else plan.added
+    mixed = plan.full and base_dtype == "bf16"
+    gradients = trainable * (2 if mixed else 4)
+    optimizer = trainable * (12 if mixed else 8)
+    act = activation_bytes(shape, plan, batch_size, seq_len, DTYPE_BYTES[compute_dtype], flash)
+    return MemoryBreakdown({k: v for k, v in weights.items() if v}, gradients, optimizer, act, trainable)

@@ -1,0 +1,149 @@
+"""Memory: the measurement against hand computations, and the formula against the measurement."""
+import pytest
+import torch
+import torch.nn as nn
+
+import minipeft as mp
+from minipeft.memory_formula import PRESETS, ModelShape, predict_memory
+
+
+# --- the measurement, against a hand computation ---------------------------------------------------
+
+def square_loss(model, x, y):
+    return model(x).pow(2).sum()
+
+
+@pytest.mark.parametrize("freeze_first", [False, True])
+def test_two_layer_network_by_hand(freeze_first):
+    """Linear(4, 8) -> ReLU -> Linear(8, 3) on a batch of 5, loss sum(out^2), everything fp32.
+
+    Weights: (4*8 + 8) + (8*3 + 3) = 67 parameters = 268 bytes. Saved for backward:
+      first linear: its input x (5x4 = 80 B), needed for its weight gradient (only if it trains);
+      ReLU: its output (5x8 = 160 B) -- the very tensor the second linear keeps as its input: once;
+      pow(2): its input, the output (5x3 = 60 B).
+    Frozen first layer: nothing below the ReLU needs a gradient, so x is not kept: 160 + 60 = 220 B.
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    if freeze_first:
+        net[0].requires_grad_(False)
+    x = torch.randn(5, 4)
+    m = mp.measure_memory(net, batch=(x, None), loss=square_loss)
+    trainable = 27 if freeze_first else 67
+    assert m.weights == {"float32": 268}
+    assert m.trainable == trainable
+    assert m.gradients == 4 * trainable
+    assert m.optimizer == 2 * 4 * trainable
+    assert m.activations == (220 if freeze_first else 300)
+    assert m.total == 268 + 12 * trainable + m.activations
+
+
+def test_measure_leaves_the_model_unchanged(tiny_model):
+    mp.full_finetune(tiny_model)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    mp.measure_memory(tiny_model, batch_size=2, seq_len=8)
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert not tiny_model.training
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_optimizer_state_is_two_fp32_moments(tiny_model, method):
+    """AdamW keeps m and v: 2 x trainable x 4 bytes (REFERENCES: 16 bytes per parameter in all)."""
+    mp.full_finetune(tiny_model) if method == "full" else mp.add_lora(tiny_model, r=2)
+    trainable, _ = mp.trainable_parameters(tiny_model)
+    m = mp.measure_memory(tiny_model, batch_size=2, seq_len=8)
+    assert m.optimizer == 2 * trainable * 4
+    assert m.gradients == trainable * 4
+
+
+def test_measure_rejects_bad_input(tiny_model):
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        mp.measure_memory(mp.freeze(tiny_model))
+    mp.full_finetune(tiny_model)
+    with pytest.raises(ValueError, match="seq_len"):
+        mp.measure_memory(tiny_model, seq_len=0)
+
+
+# --- the formula against the measurement ----------------------------------------------------------
+
+def _apply(model, method, options):
+    if method == "full":
+        return mp.full_finetune(model)
+    if method == "lora":
+        return mp.add_lora(model, **options)
+    if method == "prompt":
+        from minipeft.prompt import add_prompt_tuning  # until exported
+        return add_prompt_tuning(model, **options)
+    raise AssertionError(method)
+
+
+CASES = [
+    ("full", {}),
+    ("lora", {"r": 4}),
+    ("lora", {"r": 2, "targets": "all-linear"}),
+    ("lora", {"r": 3, "targets": ("k_proj", "fc_out")}),
+    ("lora", {"r": 2, "targets": ("o_proj",)}),
+    ("prompt", {"n_tokens": 5}),
+]
+
+
+@pytest.mark.parametrize("method,options", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("batch_size,seq_len", [(3, 11), (8, 30)])
+def test_formula_matches_measurement(tiny_model, tiny_config, method, options, batch_size, seq_len):
+    """Exact for weights, gradients and optimizer state; activations within 10 % (in fact exact)."""
+    _apply(tiny_model, method, options)
+    measured = mp.measure_memory(tiny_model, batch_size, seq_len)
+    predicted = predict_memory(tiny_config, method, batch_size, seq_len, **options)
+    assert measured.weights == predicted.weights
+    assert measured.trainable == predicted.trainable == mp.trainable_parameters(tiny_model)[0]
+    assert measured.gradients == predicted.gradients
+    assert measured.optimizer == predicted.optimizer
+    assert abs(predicted.activations - measured.activations) <= 0.10 * measured.activations
+
+
+# --- presets: published shapes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,published", [
+    ("toy", 812_032),                # data/base/report.json
+    ("OPT-125M", 125_239_296),       # sum of parameter sizes of facebook/opt-125m
+    ("OPT-1.3B", 1_315_758_080),
+    ("Llama-2-7B", 6_738_415_616),
+    ("Llama-2-13B", 13_015_864_320),
+    ("Llama-2-70B", 68_976_648_192),
+])
+def test_preset_parameter_counts_match_published_models(name, published):
+    assert PRESETS[name].n_params() == published
+
+
+def test_sixteen_bytes_per_parameter_for_full_fine_tuning():
+    """REFERENCES: fp32 AdamW 4 + 4 + 8; mixed precision bf16 2 + 2 + 12: 16 bytes per parameter."""
+    for dtype in ("fp32", "bf16"):
+        p = predict_memory("Llama-2-7B", "full", 1, 1, base_dtype=dtype)
+        assert p.weight_bytes + p.gradients + p.optimizer == 16 * 6_738_415_616
+
+
+def test_korthikanti_without_dropout():
+    """Per layer, full fine-tuning, eager attention: Korthikanti's s b h (34 + 5 a s / h) bytes in 16 bit
+    minus the dropout masks (our dropout is 0): 16 elements of sbh + as^2 b, here at 2 bytes, plus
+    the LayerNorm statistics (2 x 2 fp32 per position) they neglect."""
+    shape = ModelShape("gpt", vocab_size=10, d_model=64, n_layer=1, n_head=4, d_ff=256, n_positions=0)
+    s, b, h, a = 32, 2, 64, 4
+    two = predict_memory(shape, "full", b, s, base_dtype="bf16", flash=False)
+    one = ModelShape("gpt", vocab_size=10, d_model=64, n_layer=2, n_head=4, d_ff=256, n_positions=0)
+    per_layer = predict_memory(one, "full", b, s, base_dtype="bf16", flash=False).activations - two.activations
+    assert per_layer == s * b * h * 16 * 2 + 2 * a * s * s * b + 4 * s * b * 4 + s * s
+
+
+def test_formula_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown method"):
+        predict_memory("toy", "dora")
+    with pytest.raises(ValueError, match="takes the options"):
+        predict_memory("toy", "lora", rank=4)
+    with pytest.raises(ValueError, match="4-bit"):
+        predict_memory("toy", "full", base_dtype="nf4")
+    with pytest.raises(ValueError, match="preset"):
+        predict_memory("GPT-5", "lora")
+    with pytest.raises(ValueError, match="not linear layers"):
+        predict_memory("toy", "lora", targets=("gate_proj",))
