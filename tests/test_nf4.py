@@ -1,0 +1,235 @@
+"""NF4 quantisation, checked against the published code book, hand computations, error bounds and bitsandbytes."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
+
+from minipeft import nf4
+
+# The 16 NF4 levels as published (QLoRA paper, appendix; bitsandbytes `get_4bit_type("nf4")`)
+PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def half_widest_gap(quant_type):
+    levels = sorted(nf4.CODEBOOKS[quant_type].tolist())
+    levels = [v for v in levels if -1 <= v <= 1]  # int4's code -8 (-8/7) is never used
+    return max(b - a for a, b in zip(levels, levels[1:])) / 2
+
+
+def test_nf4_levels_equal_published_values():
+    levels = nf4.normal_map()
+    assert levels.dtype == torch.float32 and levels.shape == (16,)
+    assert torch.allclose(levels, torch.tensor(PUBLISHED_NF4), rtol=0, atol=1e-7)
+    assert torch.equal(nf4.CODEBOOKS["nf4"], levels)
+    # asymmetric: 7 negative levels, an exact zero, 8 positive, the ends at -1 and 1
+    assert (levels < 0).sum() == 7 and (levels == 0).sum() == 1 and (levels > 0).sum() == 8
+    assert levels[0] == -1 and levels[-1] == 1
+
+
+def test_nf4_bins_hold_equal_normal_mass():
+    # independent: the positive levels are N(0,1) quantiles at equally spaced probabilities
+    # offset, offset - d, ..., 0.5 + d (d = (offset - 0.5) / 8), scaled by the largest
+    offset = 0.9677083
+    q = [math.sqrt(2) * torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
+         for p in np.linspace(offset, 0.5, 9)[:-1]]
+    positive = sorted(v / q[0] for v in q)
+    assert np.allclose(nf4.CODEBOOKS["nf4"][8:].tolist(), positive, atol=1e-6)
+
+
+def test_fp4_and_int4_codebooks():
+    fp4 = nf4.CODEBOOKS["fp4"]
+    assert sorted(abs(v) for v in fp4[:8].tolist()) == pytest.approx([0, 1 / 192, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 1])
+    assert torch.equal(fp4[8:], -fp4[:8])  # sign bit
+    assert nf4.CODEBOOKS["int4"].tolist() == pytest.approx([k / 7 for k in range(-8, 8)])
+
+
+def test_dynamic_map_shape():
+    m = nf4.DYNAMIC
+    assert m.shape == (256,) and torch.all(m[1:] >= m[:-1])
+    assert m.max() == 1 and 0 in m.tolist() and m.min() > -1
+    # 1 + 2 + ... + 64 = 127 values per sign in (10^-7, 1), plus 0 and 1
+    assert ((m > 0) & (m < 1)).sum() == 127 and (m < 0).sum() == 127
+
+
+def test_hand_worked_block():
+    # absmax 2 -> scaled [0.5, -1, 0, 0.2]; nearest NF4 levels: 0.5 lies below the edge (0.4407 + 0.5626) / 2
+    # = 0.5017 -> code 12; -1 -> code 0; 0 -> code 7; 0.2 lies below (0.1609 + 0.2461) / 2 = 0.2035 -> code 9.
+    # Second block [3.0]: absmax 3, scaled 1 -> code 15, padded with a 0 (code 7).
+    packed, state = nf4.quantize(torch.tensor([1.0, -2.0, 0.0, 0.4, 3.0]), blocksize=4)
+    assert packed.tolist() == [12 * 16 + 0, 7 * 16 + 9, 15 * 16 + 7]
+    assert state.absmax.tolist() == [2.0, 3.0]
+    expected = [2 * PUBLISHED_NF4[12], -2.0, 0.0, 2 * PUBLISHED_NF4[9], 3.0]
+    assert nf4.dequantize(packed, state).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_pack_unpack_all_256_bytes():
+    byte = torch.arange(256, dtype=torch.uint8)
+    expected = [c for b in range(256) for c in divmod(b, 16)]  # (high nibble, low nibble)
+    assert nf4.unpack(byte).tolist() == expected
+    # quantise a vector whose codes are exactly these (the levels are fixed points, absmax is 1)
+    x = nf4.CODEBOOKS["nf4"][torch.tensor(expected)]
+    packed, state = nf4.quantize(x, blocksize=512)
+    assert state.absmax.tolist() == [1.0]
+    assert torch.equal(packed, byte)
+    assert torch.equal(nf4.dequantize(packed, state), x)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize", [1, 4, 64, 256])
+def test_error_bound_and_shapes(quant_type, blocksize):
+    torch.manual_seed(0)
+    x = torch.randn(13, 37) * 5
+    x[2] = 0  # an all-zero stretch
+    packed, state = nf4.quantize(x, blocksize=blocksize, quant_type=quant_type)
+    n = x.numel()
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 2)
+    assert state.absmax.numel() == math.ceil(n / blocksize)
+    x_hat = nf4.dequantize(packed, state)
+    assert x_hat.shape == x.shape and x_hat.dtype == x.dtype
+    absmax = torch.nn.functional.pad(x.reshape(-1).abs(), (0, -n % blocksize)).view(-1, blocksize).amax(1)
+    bound = (half_widest_gap(quant_type) * absmax).repeat_interleave(blocksize)[:n].view_as(x)
+    assert torch.all((x - x_hat).abs() <= bound * (1 + 1e-6))
+    assert torch.all(x_hat[2] == 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=arrays(np.float32, array_shapes(min_dims=1, max_dims=3, max_side=70),
+                elements=st.floats(-2.0**100, 2.0**100, width=32, allow_subnormal=False)),
+       blocksize=st.sampled_from([1, 2, 8, 64, 128]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       double_quant=st.booleans())
+def test_property_round_trip(x, blocksize, dtype, double_quant):
+    x = torch.from_numpy(x)
+    if dtype != torch.float32:
+        x = x.clamp(-6e4, 6e4).to(dtype)  # float16 tops out at 65504
+    packed, state = nf4.quantize(x, blocksize=blocksize, double_quant=double_quant)
+    x_hat = nf4.dequantize(packed, state)
+    assert x_hat.shape == x.shape and x_hat.dtype == x.dtype
+    xf, n = x.float().reshape(-1), x.numel()
+    blocks = torch.nn.functional.pad(xf, (0, -n % blocksize)).view(-1, blocksize)
+    absmax = blocks.abs().amax(1)
+    if not double_quant:
+        assert torch.equal(state.absmax, absmax)
+    # per element: half the widest NF4 gap times the block's absmax (plus the absmax's own 8-bit error
+    # under double quantisation), plus the rounding to the output dtype
+    absmax_hat = state.block_absmax()
+    bound = half_widest_gap("nf4") * absmax_hat.abs() + (absmax_hat - absmax).abs()
+    bound = bound.repeat_interleave(blocksize)[:n]
+    eps = torch.finfo(dtype).eps
+    err = (x_hat.float().reshape(-1) - xf).abs()
+    assert torch.all(err <= bound * (1 + 2 * eps) + xf.abs() * eps)
+
+
+def test_very_large_and_all_zero():
+    x = torch.zeros(200)
+    x[:64] = 3e38  # close to the largest float32
+    x[64:128] = -1e-30
+    packed, state = nf4.quantize(x)
+    x_hat = nf4.dequantize(packed, state)
+    assert torch.equal(x_hat[:64], x[:64]) and torch.equal(x_hat[64:128], x[64:128])
+    assert torch.all(x_hat[128:] == 0) and state.absmax.tolist()[2:] == [0.0, 0.0]
+
+
+def test_double_quant_absmax_within_8bit_bound():
+    torch.manual_seed(0)
+    x = torch.randn(300, 256) * torch.rand(300, 1) * 4  # 1200 blocks, absmax varying by row
+    packed, state = nf4.quantize(x, blocksize=64, double_quant=True)
+    _, plain = nf4.quantize(x, blocksize=64)
+    absmax = plain.absmax
+    assert state.absmax.dtype == torch.uint8 and state.absmax2.numel() == math.ceil(1200 / 256)
+    assert torch.isclose(state.offset, absmax.mean())
+    # the 8-bit error: half the widest gap of the dynamic map times max |absmax - offset| of its block of 256
+    m = nf4.DYNAMIC
+    half_gap = ((m[1:] - m[:-1]).max() / 2).item()
+    centred = torch.nn.functional.pad(absmax - absmax.mean(), (0, -1200 % 256)).view(-1, 256)
+    bound = (half_gap * centred.abs().amax(1)).repeat_interleave(256)[:1200]
+    assert torch.all((state.block_absmax() - absmax).abs() <= bound + 1e-6)
+    assert nf4.dequantize(packed, state).shape == x.shape
+
+
+def test_bits_per_parameter_from_stored_bytes():
+    x = torch.randn(256, 256)  # 65,536 values: 1,024 blocks of 64, 4 blocks of 256 absmax constants
+    assert nf4.storage_bits(*nf4.quantize(x)) == 4.5  # 4 + 32 / 64
+    bits = nf4.storage_bits(*nf4.quantize(x, double_quant=True))
+    # 4 + 8/64 + 32/(64·256) = 4.127 (QLoRA), plus the 4-byte offset of this one tensor: 32 / 65,536
+    assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / 65536)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.arange(10), TypeError, "floating-point"),
+    (torch.zeros(0), ValueError, "empty"),
+    (torch.tensor([1.0, float("nan")]), ValueError, "NaN"),
+    (torch.tensor([1.0, float("inf")]), ValueError, "infinite"),
+    ([1.0, 2.0], TypeError, "torch.Tensor"),
+])
+def test_bad_input(bad, error, match):
+    with pytest.raises(error, match=match):
+        nf4.quantize(bad)
+
+
+@pytest.mark.parametrize("blocksize", [0, -64, 48, 64.0, True, None])
+def test_bad_blocksize(blocksize):
+    with pytest.raises(ValueError, match="power of two"):
+        nf4.quantize(torch.randn(64), blocksize=blocksize)
+
+
+def test_bad_quant_type_and_foreign_state():
+    with pytest.raises(ValueError, match="quant_type"):
+        nf4.quantize(torch.randn(64), quant_type="int8")
+    a, state_a = nf4.quantize(torch.randn(128))
+    b, state_b = nf4.quantize(torch.randn(128))
+    c, _ = nf4.quantize(torch.randn(100))
+    with pytest.raises(ValueError, match="another tensor"):
+        nf4.dequantize(c, state_a)  # wrong size
+    with pytest.raises(ValueError, match="another tensor"):
+        nf4.dequantize(b, state_a)  # same size, other values
+    with pytest.raises(TypeError, match="QuantState"):
+        nf4.dequantize(a, {"absmax": state_a.absmax})
+
+
+# --- bitsandbytes, an independent implementation (its CPU backend) ------------------------------------
+
+@pytest.fixture(scope="module")
+def bnb_functional():
+    bnb = pytest.importorskip("bitsandbytes.functional",
+                              reason="bitsandbytes is not installed: no comparison with the reference implementation")
+    # bitsandbytes torch.compile's some CPU paths: seconds of compiling per shape, and eager gives the same
+    with torch._dynamo.config.patch(disable=True):
+        yield bnb
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(3, 70), (128, 512), (1, 1), (5,), (7, 9), (1000, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_bytes_equal_bitsandbytes(bnb_functional, quant_type, shape, dtype):
+    torch.manual_seed(sum(shape))
+    x = (torch.randn(shape) * 3).to(dtype)
+    ref_packed, ref_state = bnb_functional.quantize_4bit(x, blocksize=64, quant_type=quant_type)
+    packed, state = nf4.quantize(x, blocksize=64, quant_type=quant_type)
+    assert torch.equal(packed, ref_packed.view(-1))
+    assert torch.equal(state.absmax, ref_state.absmax)
+    assert torch.equal(nf4.dequantize(packed, state), bnb_functional.dequantize_4bit(ref_packed, ref_state))
+
+
+def test_double_quant_matches_bitsandbytes(bnb_functional):
+    torch.manual_seed(0)
+    x = torch.randn(512, 512)
+    ref_packed, ref = bnb_functional.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, state = nf4.quantize(x, blocksize=64, double_quant=True)
+    assert torch.equal(packed, ref_packed.view(-1))
+    assert torch.equal(state.offset, ref.offset) and torch.equal(state.absmax2, ref.state2.absmax)
+    assert torch.equal(nf4.DYNAMIC, bnb_functional.create_dynamic_map())
+    # bitsandbytes' compiled CPU 8-bit kernel rounds a value lying within ~1e-5 of a bin edge either
+    # way; ours always takes the nearest level. So the 8-bit codes agree up to a few such near-ties.
+    agree = (state.absmax == ref.absmax).float().mean().item()
+    assert agree > 0.99
+    step = (nf4.DYNAMIC[1:] - nf4.DYNAMIC[:-1]).max() * state.absmax2.max()
+    ref_absmax = bnb_functional.dequantize_blockwise(ref.absmax, ref.state2) + ref.offset
+    assert torch.all((state.block_absmax() - ref_absmax).abs() <= step)
