@@ -258,6 +258,6 @@ def subspace_similarity(W1: torch.Tensor, W2: torch.Tensor, i: int, j: int) -> f
     the span of the top-j of the other, 0 when the two subspaces are orthogonal; two random subspaces of
     R^d give about max(i, j) / d.
     """
-    U1 = torch.linalg.svd(W1.detach().double(), full_matrices=False).U[:, :i]
-    U2 = torch.linalg.svd(W2.detach().double(), full_matrices=False).U[:, :j]
+    U1 = torch.linalg.svd(torch.as_tensor(W1).detach().double(), full_matrices=False).U[:, :i]
+    U2 = torch.linalg.svd(torch.as_tensor(W2).detach().double(), full_matrices=False).U[:, :j]
     return float((U1.T @ U2).pow(2).sum() / min(i, j))

@@ -32,3 +32,180 @@ def plot_attention(weights, labels_q, labels_k=None, ax=None, title: str = "atte
     ax.set_yticks(range(len(labels_q)), labels_q, fontsize=8)
     ax.set(xlabel="key (attended to)", ylabel="query (attending)", title=title)
     return fig
+
+
+# --- memory: measured and predicted breakdowns, GPU fit, the comparison ------------------------------
+
+MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations")
+MEMORY_COLORS = ("#4c72b0", "#dd8452", "#c44e52", "#55a868")
+GPU_SIZES_GB = (16, 24, 40, 80)
+
+
+def plot_memory_breakdown(breakdowns: dict, ax=None, unit: str = "MB", title: str = "memory of one training step"):
+    """Stacked bars of ``{label: MemoryBreakdown}``: weights, gradients, optimizer state, activations."""
+    scale = {"kB": 2 ** 10, "MB": 2 ** 20, "GB": 2 ** 30}[unit]
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(1.2 * len(breakdowns) + 2.5, 3.5))
+    labels = list(breakdowns)
+    bottom = np.zeros(len(labels))
+    for part, color in zip(MEMORY_PARTS, MEMORY_COLORS):
+        values = np.array([breakdowns[k].parts()[part] / scale for k in labels])
+        ax.bar(labels, values, bottom=bottom, color=color, label=part)
+        bottom += values
+    ax.set(ylabel=unit, title=title)
+    ax.tick_params(axis="x", labelrotation=30)
+    for t in ax.get_xticklabels():
+        t.set_ha("right")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def gpu_fit(breakdown, sizes_gb=GPU_SIZES_GB) -> dict[int, bool]:
+    """Which GPU memory sizes (GB, 2^30 bytes) hold the step: ``{16: False, 24: True, ...}``."""
+    return {g: breakdown.total <= g * 2 ** 30 for g in sizes_gb}
+
+
+def memory_estimate(preset: str = "Llama-2-7B", method: str = "lora", r: int = 8, base_dtype: str = "bf16",
+                    batch_size: int = 4, seq_len: int = 512):
+    """The memory widget's numbers: ``(MemoryBreakdown, {GPU GB: fits})`` from the formula."""
+    from .memory_formula import predict_memory
+    options = {"r": r, "targets": "all-linear"} if method in ("lora", "qlora") else {}
+    p = predict_memory(preset, method, batch_size, seq_len, base_dtype=base_dtype, **options)
+    return p, gpu_fit(p)
+
+
+def plot_memory_estimate(preset: str = "Llama-2-7B", method: str = "lora", r: int = 8, base_dtype: str = "bf16",
+                         batch_size: int = 4, seq_len: int = 512):
+    """One predicted stacked bar (GB) with the common GPU sizes drawn across: what fits where."""
+    p, fits = memory_estimate(preset, method, r, base_dtype, batch_size, seq_len)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    label = f"{method}" + (f" r={r}" if method in ("lora", "qlora") else "") + f"\n{base_dtype} base"
+    plot_memory_breakdown({label: p}, ax=ax, unit="GB", title=f"{preset}, batch {batch_size} x {seq_len} tokens")
+    top = max(p.total / 2 ** 30, 1.0)
+    for g, ok in fits.items():
+        if g <= 1.6 * top:
+            ax.axhline(g, color="green" if ok else "gray", ls="--", lw=1)
+            ax.text(0.52, g, f"{g} GB {'fits' if ok else 'too small'}", va="bottom", fontsize=8)
+    ax.set_xlim(-0.6, 1.4)
+    ax.set_ylim(0, max(1.6 * top, min(fits) * 1.1))
+    fits_text = ", ".join(f"{g} GB" for g, ok in fits.items() if ok) or "none of 16/24/40/80 GB"
+    ax.set_xlabel(f"total {p.total / 2 ** 30:.1f} GB; fits: {fits_text}")
+    return fig
+
+
+def plot_comparison(results, axes=None):
+    """Accuracy (mean +- std over seeds) against trainable parameters and against measured training memory."""
+    fig, axes = (axes[0].figure, axes) if axes is not None else plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        for ax, x in zip(axes, (r.trainable, r.memory.total / 2 ** 20)):
+            ax.errorbar(x, r.mean, yerr=r.std, fmt="o", capsize=3, label=r.label)
+            ax.annotate(r.key, (x, r.mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes[0].set(xscale="log", xlabel="trainable parameters (log)", ylabel="exact match", title="accuracy vs trainable parameters")
+    axes[1].set(xlabel="training memory of one step (MB)", ylabel="exact match", title="accuracy vs memory")
+    axes[1].legend(fontsize=7, loc="best")
+    return fig
+
+
+# --- LoRA: spectra of weight updates, the low-rank widget, sweeps -----------------------------------
+
+
+def singular_values(delta) -> np.ndarray:
+    """Singular values of a weight update ``delta`` (tensor or array), largest first, in float64."""
+    return np.linalg.svd(_np(delta), compute_uv=False)
+
+
+def _np(a) -> np.ndarray:
+    return np.asarray(a.detach().cpu().double() if hasattr(a, "detach") else a, dtype=np.float64)
+
+
+def energy_top_r(s, r: int) -> float:
+    """Share of the update's energy (squared Frobenius norm) in its top ``r`` directions:
+    ``sum(s[:r]^2) / sum(s^2)``. By Eckart-Young the best rank-r approximation then misses
+    ``||dW - dW_r||_F / ||dW||_F = sqrt(1 - energy)``."""
+    s2 = np.asarray(s, dtype=np.float64) ** 2
+    return float(s2[:r].sum() / s2.sum()) if s2.sum() > 0 else 1.0
+
+
+def lowrank_numbers(delta_full, delta_lora, r: int) -> dict:
+    """The numbers the low-rank widget shows for rank ``r``.
+
+    ``energy``/``rel_error``: the full update's top r directions and its best rank-r approximation;
+    ``random_energy``: the same for a Gaussian matrix of that shape (no structure at all); ``phi``:
+    subspace similarity between all directions of the LoRA update and the full update's top r, with
+    ``chance`` what two random subspaces would give (max(i, j) / d).
+    """
+    from .lora import subspace_similarity
+    full, lora = _np(delta_full), _np(delta_lora)
+    s_full, s_lora = singular_values(full), singular_values(lora)
+    lora_rank = int((s_lora > 1e-6 * s_lora[0]).sum()) if s_lora[0] > 0 else 0
+    energy = energy_top_r(s_full, r)
+    noise = np.random.default_rng(0).standard_normal(full.shape)
+    phi = subspace_similarity(lora, full, lora_rank, r) if lora_rank else 0.0
+    return dict(r=r, energy=energy, rel_error=float(np.sqrt(max(0.0, 1 - energy))),
+                random_energy=energy_top_r(singular_values(noise), r), lora_rank=lora_rank, phi=phi,
+                chance=min(1.0, max(lora_rank, r) / full.shape[0]))
+
+
+def plot_lowrank(delta_full, delta_lora, r: int, layer: str = "", max_rank: int = 64):
+    """The low-rank widget's picture for one layer and rank ``r``: spectra, rank-r error, similarity."""
+    from .lora import subspace_similarity
+    num = lowrank_numbers(delta_full, delta_lora, r)
+    full, lora = _np(delta_full), _np(delta_lora)
+    s_full, s_lora = singular_values(full), singular_values(lora)
+    s_noise = singular_values(np.random.default_rng(0).standard_normal(full.shape))
+    ranks = np.arange(1, min(max_rank, len(s_full)) + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+
+    ax = axes[0]
+    ax.plot(ranks, s_full[:len(ranks)], ".-", color="C0", label="full fine-tuning $\\Delta W$")
+    k = num["lora_rank"]
+    ax.plot(np.arange(1, k + 1), s_lora[:k], "o-", color="C1", label=f"LoRA $\\Delta W$ (rank {k})")
+    ax.axvspan(0.5, r + 0.5, color="C0", alpha=0.12)
+    ax.set(yscale="log", xlabel="direction (strongest first)", ylabel="singular value",
+           title=f"top {r} directions: {100 * num['energy']:.0f} % of the full update")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    ax.plot(ranks, [np.sqrt(max(0.0, 1 - energy_top_r(s_full, j))) for j in ranks], color="C0",
+            label="full fine-tuning $\\Delta W$")
+    ax.plot(ranks, [np.sqrt(max(0.0, 1 - energy_top_r(s_noise, j))) for j in ranks], "--", color="gray",
+            label="random matrix (no structure)")
+    ax.plot([r], [num["rel_error"]], "o", color="C3")
+    ax.set(xlabel="rank r", ylabel="relative error of best rank-r copy", ylim=(0, 1.02),
+           title=f"a rank-{r} copy misses {100 * num['rel_error']:.0f} % of it")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    if k:
+        ax.plot(ranks, [subspace_similarity(lora, full, k, j) for j in ranks], color="C1",
+                label=f"all {k} LoRA directions")
+        ax.plot(ranks, [subspace_similarity(lora, full, 1, j) for j in ranks], color="C2",
+                label="LoRA's strongest direction")
+        ax.plot(ranks, [min(1.0, max(k, j) / full.shape[0]) for j in ranks], "--", color="gray",
+                label="chance (random directions)")
+        ax.plot([r], [num["phi"]], "o", color="C3")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="top j directions of full fine-tuning", ylabel="subspace similarity $\\phi$",
+           ylim=(0, 1.02), title=f"LoRA inside full's top {r}: $\\phi$ = {num['phi']:.2f} "
+                                 f"(chance {num['chance']:.2f})")
+    fig.suptitle(f"{layer}: how low-rank is the update?" if layer else "how low-rank is the update?")
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(x, results: dict, xlabel: str, ylabel: str = "exact match", logx: bool = True,
+               ax=None, title: str = "", best: str | None = None):
+    """Mean +- std over seeds per curve, ``results = {label: array (n_seeds, len(x))}``;
+    ``best="max"`` (or ``"min"``) stars each curve's best point."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.8))
+    for i, (label, values) in enumerate(results.items()):
+        v = np.asarray(values, dtype=float).reshape(-1, len(x))
+        mean, std = v.mean(0), v.std(0)
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label, color=f"C{i}")
+        if best:
+            b = int(np.argmax(mean) if best == "max" else np.argmin(mean))
+            ax.plot(x[b], mean[b], "*", ms=16, color=f"C{i}", markeredgecolor="k", zorder=5)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return fig

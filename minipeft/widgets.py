@@ -3,3 +3,68 @@
 Headless runs (CI, nbval) never move a slider, which is why the work lives in those functions.
 """
 from __future__ import annotations
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+def memory_widget():
+    """Model preset, method, LoRA rank, base precision, batch and sequence length -> the predicted bar
+    and the GPU sizes it fits (:func:`minipeft.plots.plot_memory_estimate`)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from .memory_formula import PRESETS
+    from .plots import plot_memory_estimate
+
+    controls = dict(
+        preset=w.Dropdown(options=list(PRESETS), value="Llama-2-7B", description="model"),
+        method=w.Dropdown(options=["full", "prompt", "lora"], value="lora", description="method"),
+        r=w.Dropdown(options=[1, 2, 4, 8, 16, 32, 64, 128], value=8, description="LoRA rank"),
+        base_dtype=w.ToggleButtons(options=["fp32", "bf16", "nf4"], value="bf16", description="base"),
+        batch_size=w.IntSlider(value=4, min=1, max=64, description="batch"),
+        seq_len=w.Dropdown(options=[128, 256, 512, 1024, 2048, 4096], value=512, description="tokens"),
+    )
+    out = w.Output()
+
+    def draw(**kwargs):
+        out.clear_output(wait=True)
+        with out:
+            if kwargs["method"] == "full" and kwargs["base_dtype"] == "nf4":
+                print("full fine-tuning cannot train 4-bit weights: choose fp32 or bf16")
+                return
+            fig = plot_memory_estimate(**kwargs)
+            plt.show(fig)
+
+    w.interactive_output(draw, controls)
+    display(w.VBox([w.HBox([controls["preset"], controls["method"], controls["r"]]), controls["base_dtype"],
+                    w.HBox([controls["batch_size"], controls["seq_len"]]), out]))
+
+
+# --- LoRA -----------------------------------------------------------------------------------------
+
+
+def lowrank_widget(deltas_full: dict, deltas_lora: dict, r: int = 8, max_rank: int = 64):
+    """A layer menu and a rank slider over :func:`minipeft.plots.plot_lowrank`.
+
+    ``deltas_full`` / ``deltas_lora``: ``{layer name: dW}`` from full fine-tuning and from LoRA (the
+    layers present in both are offered)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from .plots import plot_lowrank
+
+    layers = [name for name in deltas_lora if name in deltas_full]
+    controls = dict(layer=w.Dropdown(options=layers, value=layers[0], description="layer"),
+                    r=w.IntSlider(value=r, min=1, max=max_rank, description="rank r"))
+    out = w.Output()
+
+    def draw(layer, r):
+        out.clear_output(wait=True)
+        with out:
+            plt.show(plot_lowrank(deltas_full[layer], deltas_lora[layer], r, layer, max_rank))
+
+    w.interactive_output(draw, controls)
+    display(w.VBox([w.HBox([controls["layer"], controls["r"]]), out]))

@@ -346,3 +346,35 @@ def test_subspace_similarity_ignores_scale_and_right_side():
     W1 = U[:, :3] @ torch.randn(3, 7)
     W2 = -5 * U[:, :3] @ torch.randn(3, 4)  # same column space, other shape and scale
     assert mp.subspace_similarity(W1, W2, 3, 3) == pytest.approx(1.0, abs=1e-9)
+
+
+# --- the low-rank widget's numbers (minipeft.plots) -----------------------------------------------------
+
+
+def test_lowrank_numbers_by_hand():
+    from minipeft.plots import energy_top_r, lowrank_numbers
+    full = torch.zeros(8, 6)
+    full[0, 0], full[1, 1] = 3.0, 4.0   # singular values 4, 3: energy 16 + 9 = 25
+    lora = torch.zeros(8, 6)
+    lora[1, 2] = 0.5                    # rank 1, output direction e1 = full's strongest direction
+    n = lowrank_numbers(full, lora, 1)
+    assert n["energy"] == pytest.approx(16 / 25) and n["rel_error"] == pytest.approx(3 / 5)
+    assert n["lora_rank"] == 1 and n["phi"] == pytest.approx(1.0) and n["chance"] == pytest.approx(1 / 8)
+    lora[1, 2], lora[0, 3] = 0.0, 0.5   # now along e0: full's second direction
+    assert lowrank_numbers(full, lora, 1)["phi"] == pytest.approx(0.0, abs=1e-12)
+    assert lowrank_numbers(full, lora, 2)["phi"] == pytest.approx(1.0)
+    assert lowrank_numbers(full, lora, 2)["energy"] == pytest.approx(1.0)
+    assert energy_top_r([1.0, 1.0, 1.0, 1.0], 1) == 0.25
+
+
+@pytest.mark.parametrize("r", [1, 5, 16])
+def test_plot_lowrank_over_its_range(r):
+    import matplotlib.pyplot as plt
+    from minipeft.plots import plot_lowrank, plot_sweep
+    torch.manual_seed(0)
+    full, lora = torch.randn(16, 24), torch.randn(16, 3) @ torch.randn(3, 24)
+    fig = plot_lowrank(full, lora, r, "layer", max_rank=16)
+    assert len(fig.axes) == 3
+    fig2 = plot_sweep([1, 2, 4], {"a": [[0.1, 0.5, 0.4], [0.2, 0.6, 0.3]]}, "x", best="max")
+    assert len(fig2.axes) == 1
+    plt.close("all")
