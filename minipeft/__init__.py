@@ -29,5 +29,7 @@ from .lora_multi import (active_lora_adapter, delete_lora_adapter, disable_lora,
 from .memory import MemoryBreakdown, SavedTensors, measure_memory, weight_bytes
 from .memory_formula import PRESETS, ModelShape, predict_memory
 # --- saving and loading adapters (io.py) ---
+from .io import (AdapterFileError, BaseMismatchError, base_fingerprint, base_state_dict, load_adapter,
+                 read_adapter_config, save_adapter)
 
 __version__ = "0.1.0"
