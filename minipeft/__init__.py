@@ -17,8 +17,13 @@ from .full import freeze, full_finetune, print_trainable_parameters, trainable_p
 from .base import base_report, load_base, pretrain
 
 # --- prompt tuning (prompt.py) ---
+from .prompt import PromptTuningConfig, SoftPrompt, add_prompt_tuning
 # --- prefix tuning (prefix.py) ---
+from .prefix import (Prefix, PrefixTuning, PrefixTuningConfig, add_prefix_tuning, delete_prefix, fold_prefix,
+                     list_prefixes, set_prefix)
 # --- adapters (adapter.py) ---
+from .adapter import (AdaptedLinear, Adapter, AdapterConfig, add_adapters, delete_adapter, list_adapters,
+                      set_adapters)
 # --- LoRA (lora.py) ---
 from .lora import (LoRAAdapter, LoRAConfig, LoRALinear, add_lora, find_targets, linear_layers,
                    lora_layers, merge_lora, subspace_similarity, unmerge_lora)
