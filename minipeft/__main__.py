@@ -1,4 +1,5 @@
-"""Command line: ``python -m minipeft pretrain`` (re-make the shipped base model)."""
+"""Command line: ``python -m minipeft pretrain`` (re-make the shipped base model) and
+``python -m minipeft compare`` (every method on one task: the comparison table)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("pretrain", help="pretrain the base model on copy/reverse/sort/add and save it")
     p.add_argument("--out", default=None, help="output folder (default: data/base)")
     p.add_argument("--steps", type=int, default=None)
+    c = sub.add_parser("compare", help="run every method on one task and print the comparison table")
+    c.add_argument("--quick", action="store_true", help="a small budget (a few minutes on 2 CPU cores)")
+    c.add_argument("--seeds", type=int, default=None, help="training seeds per method (default 3, quick 2)")
+    c.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU if there is one)")
+    c.add_argument("--out", default=None, help="folder for comparison.md, comparison.csv and comparison.png")
+    c.add_argument("--steps", type=int, default=None, help="training steps per run")
+    c.add_argument("--sweep-steps", type=int, default=None, help="steps per learning rate of the sweep")
+    c.add_argument("--task", default=None, help="downstream task (default sortdesc)")
+    c.add_argument("--methods", nargs="+", default=None, help="a subset of the methods, by key")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     if args.command == "pretrain":
@@ -18,6 +29,9 @@ def main(argv=None) -> int:
         overrides = {} if args.steps is None else {"steps": args.steps}
         report = pretrain(args.out or BASE_DIR, **overrides)
         print(json.dumps(report, indent=2))
+    if args.command == "compare":
+        from .compare import main as compare
+        return compare(args, argv)
     return 0
 
 

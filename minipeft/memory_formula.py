@@ -238,7 +238,7 @@ def activation_bytes(shape: ModelShape, plan: Plan, B: int, T: int, act: int = 4
 
 def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_len: int = 32,
                    base_dtype: str = "fp32", compute_dtype: str | None = None, flash: bool | None = None,
-                   **options) -> MemoryBreakdown:
+                   double_quant: bool = True, **options) -> MemoryBreakdown:
     """The formula's :class:`MemoryBreakdown` of one AdamW training step.
 
     ``model``: a GPTConfig, a :class:`ModelShape` or a name in ``PRESETS``. ``options`` are those of
@@ -247,6 +247,7 @@ def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_
     bf16 full fine-tuning means mixed precision (bf16 weights and gradients, fp32 master and moments).
     ``compute_dtype``: of the activations (default fp32 for an fp32 base, else bf16). ``flash``:
     FlashAttention-style attention (default: on for the real-model presets, off for our own model).
+    ``double_quant``: NF4 absmax constants stored in 8 bits (QLoRA's default, as in ``mp.quantize_nf4``).
     """
     shape = _shape(model)
     if method == "qlora":
@@ -269,12 +270,17 @@ def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_
     def add(dtype: str, nbytes: int):
         weights[dtype] = weights.get(dtype, 0) + nbytes
 
-    if base_dtype == "nf4":
-        quantized = shape.n_layer * sum(i * o for i, o in shape.linears().values())
-        per_layer = [i * o for i, o in shape.linears().values()]
-        add("uint8", shape.n_layer * sum((n + 1) // 2 for n in per_layer))              # two codes a byte
-        add("float32", shape.n_layer * sum(-(-n // NF4_BLOCK) for n in per_layer) * 4)  # one absmax a block
-        add(DTYPE_NAMES[compute_dtype], (N - quantized) * DTYPE_BYTES[compute_dtype])
+    if base_dtype == "nf4":  # the block's linear weights in 4 bits; embeddings, norms, biases, head not
+        sizes = [i * o for i, o in shape.linears().values()] * shape.n_layer
+        for n in sizes:
+            blocks = -(-n // NF4_BLOCK)
+            add("uint8", (n + 1) // 2)                          # two 4-bit codes a byte
+            if double_quant:  # absmax in 8 bits (kept in whole blocks of 256), an fp32 scale per 256, the offset
+                add("uint8", 256 * -(-blocks // 256))
+                add("float32", 4 * (-(-blocks // 256) + 1))
+            else:
+                add("float32", 4 * blocks)                      # one fp32 absmax a block
+        add(DTYPE_NAMES[compute_dtype], (N - sum(sizes)) * DTYPE_BYTES[compute_dtype])
     else:
         add(DTYPE_NAMES[base_dtype], N * DTYPE_BYTES[base_dtype])
     add("float32", plan.added * 4)               # what a PEFT method adds trains in fp32
