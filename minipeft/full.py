@@ -25,12 +25,18 @@ def full_finetune(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts; a tensor shared by two modules counts once."""
+    """``(trainable, total)`` parameter counts; a tensor shared by two modules counts once.
+
+    A 4-bit layer (:class:`minipeft.qlora.Linear4bit`) keeps its frozen weight as packed codes in
+    buffers, not parameters; ``total`` counts the weights those codes stand for (``quantized_numel``),
+    as PEFT counts 2 per packed byte for 4-bit models, so quantising does not shrink "all params".
+    """
     trainable = total = 0
     for p in model.parameters():  # .parameters() already skips duplicates
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    total += sum(getattr(m, "quantized_numel", 0) for m in model.modules())
     return trainable, total
 
 

@@ -116,6 +116,10 @@ def _check(x, blocksize: int, what: str = "x") -> None:
         raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{what} is empty: there is nothing to quantise")
+    check_blocksize(blocksize)
+
+
+def check_blocksize(blocksize) -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a positive power of two, got {blocksize!r}")
 

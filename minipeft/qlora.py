@@ -1,0 +1,169 @@
+"""QLoRA: a frozen 4-bit NF4 base with LoRA adapters in full precision on top.
+
+:class:`Linear4bit` is a frozen linear layer that stores only what :func:`minipeft.nf4.quantize` returns
+(packed 4-bit codes and per-block constants, as buffers) and dequantises its weight on the fly::
+
+    y = x W_hat^T + b,    W_hat = level[code] * absmax   (in the compute dtype: bf16 on CUDA, fp32 on CPU)
+
+No full-precision copy of ``W`` is kept, not even for backward: the gradient with respect to ``x``
+(which the LoRA layers below need) dequantises again instead of saving ``W_hat``, as bitsandbytes does.
+:func:`quantize_nf4` swaps a model's linear layers for these; ``mp.add_lora`` then wraps them unchanged,
+and only the adapters train: that is QLoRA (Dettmers et al. 2023, arXiv 2305.14314).
+
+Merging an adapter into a 4-bit layer means dequantise, add ``dW``, requantise: the merged weight is
+rounded to 4 bits again, so the layer refuses unless asked (``merge_lora(model, requantize=True)``).
+Unmerging subtracts ``dW`` and requantises once more: the original codes do not come back exactly
+(reload the base for that). The usual alternative is to keep the adapter unmerged, or to merge into a
+16-bit copy of the dequantised base.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import nf4
+from .full import freeze
+
+
+@dataclass
+class NF4Config:
+    blocksize: int = 64
+    double_quant: bool = True                 # store the absmax constants in 8 bits too (QLoRA's default)
+    quant_type: str = "nf4"                   # or "fp4", "int4", for comparison
+    compute_dtype: torch.dtype | None = None  # None: bf16 on CUDA, fp32 elsewhere
+
+    def __post_init__(self):
+        nf4.check_blocksize(self.blocksize)
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"double_quant must be True or False, got {self.double_quant!r}")
+        if self.quant_type not in nf4.CODEBOOKS:
+            raise ValueError(f"quant_type must be one of {sorted(nf4.CODEBOOKS)}, got {self.quant_type!r}")
+        if self.compute_dtype is not None and not (isinstance(self.compute_dtype, torch.dtype)
+                                                   and self.compute_dtype.is_floating_point):
+            raise TypeError(f"compute_dtype must be a floating torch.dtype or None, got {self.compute_dtype!r}")
+
+
+class _Matmul4bit(torch.autograd.Function):
+    """``x W_hat^T`` that saves nothing for backward: ``dL/dx = dL/dy W_hat`` dequantises ``W`` again."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return x @ layer.dequantized_weight(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out @ ctx.layer.dequantized_weight(grad_out.dtype), None  # the weight is frozen
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer whose weight lives only as 4-bit codes + block constants (buffers)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, config: NF4Config | None = None):
+        super().__init__()
+        self.config = config or NF4Config()
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._store(weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: NF4Config | None = None) -> "Linear4bit":
+        return cls(linear.weight.detach(), linear.bias, config)
+
+    def _store(self, weight: torch.Tensor) -> None:
+        packed, state = nf4.quantize(weight.detach(), self.config.blocksize, self.config.double_quant,
+                                     self.config.quant_type)
+        self.weight_dtype = state.dtype
+        self.register_buffer("packed", packed)                # uint8, ceil(out * in / 2)
+        for name, t in dict(absmax=state.absmax, absmax_offset=state.offset, absmax2=state.absmax2).items():
+            self.register_buffer(name, t)                     # absent (None) without double quantisation
+
+    def quant_state(self) -> nf4.QuantState:
+        """The :class:`minipeft.nf4.QuantState` of the stored weight (built from the buffers)."""
+        return nf4.QuantState(torch.Size((self.out_features, self.in_features)), self.weight_dtype,
+                              self.config.blocksize, self.config.quant_type, self.absmax,
+                              self.absmax_offset, self.absmax2)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W_hat`` (out x in), computed now from the codes; nothing is cached."""
+        w = nf4.dequantize(self.packed, self.quant_state(), check=False)
+        return w if dtype is None else w.to(dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.config.compute_dtype is not None:
+            return self.config.compute_dtype
+        return torch.bfloat16 if self.packed.is_cuda else torch.float32
+
+    @property
+    def quantized_numel(self) -> int:
+        """The number of weights the packed codes stand for (what ``trainable_parameters`` counts)."""
+        return self.out_features * self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        y = _Matmul4bit.apply(x.to(dtype), self)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
+
+    def storage_bits(self) -> float:
+        """Bits per weight actually stored: the packed codes and the block constants (bias not included)."""
+        return nf4.storage_bits(self.packed, self.quant_state())
+
+    def merge_delta(self, delta: torch.Tensor, requantize: bool = False) -> None:
+        """``W <- quantise(dequantise(W) + delta)``: used by ``merge_lora`` / ``unmerge_lora``."""
+        if not requantize:
+            raise ValueError(
+                "cannot merge a LoRA update into a 4-bit layer without requantising: the merged weight "
+                "dequantise(W) + dW must be rounded to 4 bits again, which adds error. Pass "
+                "requantize=True (merge_lora(model, requantize=True)) to accept that, or keep the adapter unmerged")
+        if tuple(delta.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"delta has shape {tuple(delta.shape)}, the layer's weight is "
+                             f"{(self.out_features, self.in_features)}")
+        self._store(self.dequantized_weight(torch.float32) + delta.detach().float())
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{c.quant_type}, blocksize={c.blocksize}, double_quant={c.double_quant}, "
+                f"{self.storage_bits():.3f} bits/weight")
+
+
+def _skipped(name: str, skip) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_nf4(model: nn.Module, skip=("tok_emb", "head"), blocksize: int = 64, double_quant: bool = True,
+                 quant_type: str = "nf4", compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """Freeze ``model`` and replace each ``nn.Linear`` (except those named in ``skip``) by a
+    :class:`Linear4bit`, in place; returns ``model``. ``mp.add_lora(model, ...)`` afterwards gives QLoRA.
+    """
+    config = NF4Config(blocksize, double_quant, quant_type, compute_dtype)  # checks the values
+    if isinstance(skip, str):
+        skip = (skip,)
+    if not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"skip must be module names, got {skip!r}")
+    kinds = {type(m).__name__ for m in model.modules()}
+    if "Linear4bit" in kinds:
+        raise ValueError("the model is already quantised (it has Linear4bit layers)")
+    if "LoRALinear" in kinds:
+        raise ValueError("the model already has LoRA layers: quantise the base first, then add LoRA "
+                         "(mp.quantize_nf4(model); mp.add_lora(model, ...))")
+    targets = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)}
+    if not targets:
+        raise ValueError(f"no nn.Linear layer left to quantise (skip={tuple(skip)!r})")
+    new = {n: Linear4bit.from_linear(m, config) for n, m in targets.items()}  # may raise: nothing changed yet
+    freeze(model)
+    for name, layer in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def linear4bit_layers(model: nn.Module) -> dict[str, Linear4bit]:
+    """Every :class:`Linear4bit` of ``model`` by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
