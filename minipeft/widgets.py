@@ -68,3 +68,39 @@ def lowrank_widget(deltas_full: dict, deltas_lora: dict, r: int = 8, max_rank: i
 
     w.interactive_output(draw, controls)
     display(w.VBox([w.HBox([controls["layer"], controls["r"]]), out]))
+
+
+# --- NF4 ------------------------------------------------------------------------------------------
+
+
+def nf4_bins_widget(weights: dict, blocksize: int = 64):
+    """Layer, block, block size, code book and double quantisation over :func:`minipeft.plots.plot_nf4_bins`.
+
+    ``weights``: ``{layer name: weight tensor}``."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from .plots import plot_nf4_bins
+
+    names = list(weights)
+    controls = dict(
+        layer=w.Dropdown(options=names, value=names[0], description="layer"),
+        block=w.IntSlider(value=0, min=0, max=weights[names[0]].numel() // blocksize - 1, description="block"),
+        blocksize=w.Dropdown(options=[16, 32, 64, 128, 256, 1024, 4096], value=blocksize, description="block size"),
+        quant_type=w.ToggleButtons(options=["nf4", "fp4", "int4"], value="nf4", description="code book"),
+        double_quant=w.Checkbox(value=False, description="double quantisation"),
+    )
+    out = w.Output()
+
+    def draw(layer, block, blocksize, quant_type, double_quant):
+        n_blocks = -(-weights[layer].numel() // blocksize)
+        controls["block"].max = n_blocks - 1  # the slider follows the layer and the block size
+        out.clear_output(wait=True)
+        with out:
+            plt.show(plot_nf4_bins(weights[layer], min(block, n_blocks - 1), blocksize, quant_type,
+                                   double_quant, layer))
+
+    w.interactive_output(draw, controls)
+    display(w.VBox([w.HBox([controls["layer"], controls["blocksize"], controls["double_quant"]]),
+                    w.HBox([controls["block"], controls["quant_type"]]), out]))

@@ -233,3 +233,47 @@ def test_double_quant_matches_bitsandbytes(bnb_functional):
     step = (nf4.DYNAMIC[1:] - nf4.DYNAMIC[:-1]).max() * state.absmax2.max()
     ref_absmax = bnb_functional.dequantize_blockwise(ref.absmax, ref.state2) + ref.offset
     assert torch.all((state.block_absmax() - ref_absmax).abs() <= step)
+
+
+# --- the NF4 bins widget's numbers and pictures (minipeft.plots) ----------------------------------------
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize, block", [(64, 0), (64, 46), (256, 11), (4096, 0), (16, 187)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_widget_numbers(quant_type, blocksize, block, double_quant):
+    from minipeft.plots import nf4_numbers
+    torch.manual_seed(0)
+    w = torch.randn(50, 60)  # 3,000 values: the last block of 64, 256 and 4096 is partial
+    num = nf4_numbers(w, block, blocksize, quant_type, double_quant)
+    n_blocks = math.ceil(3000 / blocksize)
+    assert num["n_blocks"] == n_blocks
+    block_values = w.reshape(-1)[block * blocksize:(block + 1) * blocksize]
+    assert np.array_equal(num["values"], block_values.numpy())
+    true_absmax = block_values.abs().max().item()
+    assert num["absmax"] == (pytest.approx(true_absmax, rel=0.02) if double_quant else true_absmax)
+    # every dequantised value is one of the levels drawn, and within half a bin of its value
+    assert np.isin(num["dequantized"], num["levels"]).all()
+    assert np.all(np.abs(num["dequantized"] - num["values"]) <= half_widest_gap(quant_type) * num["absmax"] * 1.03)
+    assert len(num["edges"]) == len(num["levels"]) - 1
+    # errors, independently: ||W - W_hat|| / ||W|| for the block and the whole tensor
+    x_hat = nf4.dequantize(*nf4.quantize(w, blocksize, double_quant, quant_type))
+    assert num["tensor_error"] == pytest.approx(((w - x_hat).norm() / w.norm()).item(), rel=1e-5)
+    assert num["block_error"] == pytest.approx(
+        np.linalg.norm(num["values"] - num["dequantized"]) / np.linalg.norm(num["values"]), rel=1e-5)
+    # bits per parameter: 4 bits of code (3,000 values = 1,500 bytes) + the stored constants
+    const = 4 * n_blocks if not double_quant else n_blocks + 4 * math.ceil(n_blocks / 256) + 4
+    assert num["bits_per_param"] == pytest.approx(8 * (1500 + const) / 3000)
+
+
+def test_nf4_widget_bad_block_and_figures():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from minipeft.plots import nf4_numbers, plot_codebooks, plot_nf4_bins, plot_normal_bins
+    w = torch.randn(16, 16)
+    with pytest.raises(ValueError, match="block"):
+        nf4_numbers(w, 4, 64)
+    for fig in (plot_nf4_bins(w, 3, 64, "nf4", True, "layer"), plot_nf4_bins(torch.zeros(8, 8), 0),
+                plot_normal_bins(), plot_codebooks()):
+        assert isinstance(fig, matplotlib.figure.Figure)
+        plt.close(fig)
