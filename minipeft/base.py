@@ -21,7 +21,7 @@ from .tasks import DOWNSTREAM_TASKS, PRETRAIN_TASKS, make_task
 from .train import evaluate, train
 
 BASE_DIR = Path(os.environ.get("MINIPEFT_BASE", Path(__file__).resolve().parent.parent / "data" / "base"))
-PRETRAIN_RECIPE = dict(steps=3500, lr=2e-3, batch_size=64, warmup=100, weight_decay=0.1, seed=0)
+PRETRAIN_RECIPE = dict(steps=8000, lr=2e-3, batch_size=64, warmup=100, weight_decay=0.1, seed=0)
 
 
 def pretrain(out_dir: str | Path = BASE_DIR, progress: bool = True, **overrides) -> dict:
@@ -33,12 +33,12 @@ def pretrain(out_dir: str | Path = BASE_DIR, progress: bool = True, **overrides)
     recipe = {**PRETRAIN_RECIPE, **overrides}
     torch.manual_seed(recipe["seed"])
     model = GPT(GPTConfig())
-    tasks = [make_task(name, seed=0, n_train=8000) for name in PRETRAIN_TASKS]
+    # 20,000 examples per task (add has only 10,000 distinct inputs: 9,500 train + 500 validation)
+    tasks = [make_task(name, seed=0, n_train=9500 if name == "add" else 20000) for name in PRETRAIN_TASKS]
     t0 = time.perf_counter()
     hist = train(model, tasks, device="cpu", progress=progress, **recipe)
     seconds = time.perf_counter() - t0
-    accuracy = {name: evaluate(model, make_task(name, seed=0, n_train=8000))
-                for name in PRETRAIN_TASKS + DOWNSTREAM_TASKS}
+    accuracy = {name: evaluate(model, make_task(name, seed=0)) for name in PRETRAIN_TASKS + DOWNSTREAM_TASKS}
     report = {
         "recipe": recipe,
         "params": sum(p.numel() for p in model.parameters()),
