@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     c.add_argument("--sweep-steps", type=int, default=None, help="steps per learning rate of the sweep")
     c.add_argument("--task", default=None, help="downstream task (default sortdesc)")
     c.add_argument("--methods", nargs="+", default=None, help="a subset of the methods, by key")
+    c.add_argument("--eval-examples", type=int, default=None,
+                   help="examples per evaluation (the task, and each pretraining task for forgetting)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 

@@ -19,7 +19,7 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +29,13 @@ from tqdm.auto import tqdm
 
 from .base import load_base
 from .full import full_finetune
+from .adapter import add_adapters
 from .lora import add_lora
 from .memory import MemoryBreakdown, measure_memory
 from .memory_formula import predict_memory
+from .prefix import add_prefix_tuning
+from .prompt import add_prompt_tuning
+from .qlora import quantize_nf4
 from .tasks import PRETRAIN_TASKS, encode_batch, make_task
 from .train import QUICK, evaluate, train
 
@@ -46,28 +50,18 @@ class Method:
     formula: tuple[str, dict]       # (method, options) for predict_memory
 
 
-def _lazy(module: str, fn: str) -> Callable:
-    def call(*args, **kwargs):
-        import importlib
-        return getattr(importlib.import_module(f"minipeft.{module}"), fn)(*args, **kwargs)
-    return call
-
-
 def _qlora(model, seed):
-    _lazy("qlora", "quantize_nf4")(model)
-    return add_lora(model, r=8, alpha=16, targets="all-linear")
+    return add_lora(quantize_nf4(model), r=8, alpha=16, targets="all-linear")
 
 
 METHODS = {m.key: m for m in [
     Method("full", "Full fine-tuning", lambda m, s: full_finetune(m), (3e-4, 1e-3, 3e-3), ("full", {})),
-    Method("prompt", "Prompt tuning (20 tokens)",
-           lambda m, s: _lazy("prompt", "add_prompt_tuning")(m, n_tokens=20, seed=s), (1e-2, 3e-2, 1e-1),
-           ("prompt", {"n_tokens": 20})),
-    Method("prefix", "Prefix tuning (10)", lambda m, s: _lazy("prefix", "add_prefix_tuning")(m, n_prefix=10),
+    Method("prompt", "Prompt tuning (20 tokens)", lambda m, s: add_prompt_tuning(m, n_tokens=20, seed=s),
+           (1e-2, 3e-2, 1e-1), ("prompt", {"n_tokens": 20})),
+    Method("prefix", "Prefix tuning (10, reparam)", lambda m, s: add_prefix_tuning(m, n_prefix=10, seed=s),
            (1e-3, 3e-3, 1e-2), ("prefix", {"n_prefix": 10})),
-    Method("adapter", "Adapters (Houlsby, 16)",
-           lambda m, s: _lazy("adapter", "add_adapters")(m, bottleneck=16, placement="houlsby"),
-           (1e-3, 3e-3, 1e-2), ("adapter", {"bottleneck": 16, "placement": "houlsby"})),
+    Method("adapter", "Adapters (Houlsby, 16)", lambda m, s: add_adapters(m, bottleneck=16, seed=s),
+           (1e-3, 3e-3, 1e-2), ("adapter", {"bottleneck": 16})),
     Method("lora_qv", "LoRA r=8 (q, v)", lambda m, s: add_lora(m, r=8, alpha=16), (3e-3, 1e-2, 3e-2),
            ("lora", {"r": 8})),
     Method("lora_all", "LoRA r=8 (all linear)", lambda m, s: add_lora(m, r=8, alpha=16, targets="all-linear"),
@@ -157,9 +151,10 @@ def checkpoint_bytes(model, key: str) -> int:
     return len(safetensors_bytes(tensors))
 
 
-def pretrain_accuracy(model, n: int) -> float:
+def pretrain_accuracy(model, n: int, tasks=None) -> float:
     """Mean exact match over the pretraining tasks (``n`` validation examples each)."""
-    return statistics.fmean(evaluate(model, make_task(t, 0), max_examples=n) for t in PRETRAIN_TASKS)
+    tasks = tasks or [make_task(t, 0) for t in PRETRAIN_TASKS]
+    return statistics.fmean(evaluate(model, t, max_examples=n) for t in tasks)
 
 
 def _fresh(method: Method, seed: int, device):
@@ -175,7 +170,8 @@ def run_comparison(config: CompareConfig | None = None, progress: bool = True) -
     seq_len = encode_batch(task.train)[0].shape[1]       # the longest training sequence
     base = load_base(device=device)
     base_params = sum(p.numel() for p in base.parameters())
-    base_pretrain = pretrain_accuracy(base, config.forgetting_examples)
+    pretrain = [make_task(t, 0) for t in PRETRAIN_TASKS]
+    base_pretrain = pretrain_accuracy(base, config.forgetting_examples, pretrain)
     methods = [METHODS[k] for k in config.methods]
     total = sum(len(m.lrs) * config.sweep_steps + config.seeds * config.steps for m in methods)
     bar = tqdm(total=total, desc="compare", unit="step", disable=not progress)
@@ -197,7 +193,7 @@ def run_comparison(config: CompareConfig | None = None, progress: bool = True) -
             hist = train(model, task, config.steps, lr, config.batch_size, seed=seed, device=device, progress=False)
             accs.append(evaluate(model, task, max_examples=config.eval_examples))
             losses.append(statistics.fmean(hist.loss[-10:]))
-            forgot.append(base_pretrain - pretrain_accuracy(model, config.forgetting_examples))
+            forgot.append(base_pretrain - pretrain_accuracy(model, config.forgetting_examples, pretrain))
             seconds.append(hist.step_time)
             bar.update(config.steps)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -205,7 +201,7 @@ def run_comparison(config: CompareConfig | None = None, progress: bool = True) -
         results.append(MethodResult(
             method.key, method.label, lr, sweep, accs, losses, forgot, trainable, base_params,
             measure_memory(model, config.batch_size, seq_len),
-            predict_memory(model.config, name, config.batch_size, seq_len, **options),
+            predict_memory(model.config, name, config.batch_size, seq_len, compute_dtype="fp32", **options),
             checkpoint_bytes(model, method.key), statistics.fmean(seconds)))
     bar.close()
     return results
@@ -289,6 +285,7 @@ def main(args, argv=None) -> int:
     import sys
     overrides = {k: v for k, v in dict(seeds=args.seeds, device=args.device, steps=args.steps,
                                        sweep_steps=args.sweep_steps, task=args.task,
+                                       eval_examples=args.eval_examples, forgetting_examples=args.eval_examples,
                                        methods=tuple(args.methods) if args.methods else None).items()
                  if v is not None}
     config = CompareConfig.quick(**overrides) if args.quick else CompareConfig(**overrides)

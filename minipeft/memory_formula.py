@@ -111,6 +111,10 @@ class Plan:
     lora: tuple = ()            # ((linear name, r), ...) in every block
     n_virtual: int = 0          # prompt tuning: extra positions in front of the text
     n_prefix: int = 0           # prefix tuning: extra keys and values in every layer
+    reparam_hidden: int = 0     # prefix tuning's reparameterisation MLP: its hidden width (0: none)
+    adapters: tuple = ()        # where bottleneck adapters sit: ("attn", "mlp") houlsby, ("mlp",) pfeiffer
+    bottleneck: int = 0
+    relu: bool = False          # the adapter's nonlinearity keeps its output (ReLU) rather than its input
     added: int = 0              # trainable parameters the method adds (0 for full fine-tuning)
 
     @property
@@ -123,8 +127,9 @@ def method_plan(shape: ModelShape, method: str, **options) -> Plan:
     """The :class:`Plan` of ``method`` with the options of its ``add_*`` function (their defaults too)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    known = {"full": {}, "prompt": {"n_tokens": 20}, "prefix": {"n_prefix": 10},
-             "adapter": {"bottleneck": 16, "placement": "houlsby"},
+    known = {"full": {}, "prompt": {"n_tokens": 20},
+             "prefix": {"n_prefix": 10, "reparam": True, "reparam_dim": 32, "reparam_hidden": 64},
+             "adapter": {"bottleneck": 16, "placement": "houlsby", "activation": None},
              "lora": {"r": 8, "targets": ("q_proj", "v_proj")}}
     defaults = known["lora" if method == "qlora" else method]
     unknown = set(options) - set(defaults)
@@ -145,7 +150,14 @@ def method_plan(shape: ModelShape, method: str, **options) -> Plan:
             raise ValueError(f"LoRA targets {bad} are not linear layers of {shape.name}: {list(layers)}")
         lora = tuple((n, o["r"]) for n in names)
         return Plan(lora=lora, added=L * sum(r * sum(layers[n]) for n, r in lora))
-    raise NotImplementedError(method)
+    if method == "prefix":  # per layer n keys and n values; or P = MLP(P'): n x e -> e x H -> H x (L 2 C)
+        n, e, H = o["n_prefix"], o["reparam_dim"], o["reparam_hidden"]
+        added = n * e + e * H + H + (H + 1) * L * 2 * C if o["reparam"] else L * 2 * n * C
+        return Plan(n_prefix=n, reparam_hidden=H if o["reparam"] else 0, added=added)
+    where = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}[o["placement"]]
+    activation = o["activation"] or {"houlsby": "swish", "pfeiffer": "relu"}[o["placement"]]
+    b = o["bottleneck"]   # each adapter: down C x b + b, up b x C + C
+    return Plan(adapters=where, bottleneck=b, relu=activation == "relu", added=L * len(where) * (2 * C * b + b + C))
 
 
 def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bool, act: int = 4,
@@ -187,7 +199,8 @@ def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bo
     y_g = s_g or v_g
     kept += B * T * C * act if plan.full or "o_proj" in trained else 0  # o_proj's input
     kept += lora_out("o_proj")
-    x1_g = grad_in or y_g or plan.full or "o_proj" in trained
+    kept += adapter(plan, "attn", B * T, C, act)
+    x1_g = grad_in or y_g or plan.full or "o_proj" in trained or "attn" in plan.adapters
     # x1 -> ln_2 -> u2 -> MLP
     kept += norm(x1_g)
     u2_g = x1_g or plan.full
@@ -204,7 +217,16 @@ def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bo
     else:                       # fc_out(silu(gate) * up): silu keeps gate; the product keeps up and silu(gate)
         gate_g, up_g = in_g["fc_gate"], in_g["fc_in"]
         kept += (2 * BTF if gate_g else 0) + (BTF if up_g else 0) + (BTF if out_trained else 0)
-    return kept, x1_g or any(in_g.values()) or out_trained
+    kept += adapter(plan, "mlp", B * T, C, act)
+    return kept, x1_g or any(in_g.values()) or out_trained or "mlp" in plan.adapters
+
+
+def adapter(plan: Plan, where: str, BT: int, C: int, act: int) -> int:
+    """A bottleneck adapter keeps its input h (for W_down) and, in the bottleneck, the nonlinearity's
+    input and output (ReLU: its output only, the same tensor W_up keeps)."""
+    if where not in plan.adapters:
+        return 0
+    return (BT * C + BT * plan.bottleneck * (1 if plan.relu else 2)) * act
 
 
 def _shape(model) -> ModelShape:
@@ -231,6 +253,8 @@ def activation_bytes(shape: ModelShape, plan: Plan, B: int, T: int, act: int = 4
     kept += B * Tm * C * act if plan.full and not shape.tied_head else 0         # input of the trained head
     kept += B * T * C * act if plan.full and shape.tied_head else 0
     kept += B * T * V * 4 + B * T * 8 + 4        # fp32 log-softmax of the logits, int64 targets, the loss weight
+    if plan.n_prefix:  # the prefixes picked per row by an int64 index; the reparam MLP keeps tanh's output
+        kept += B * 8 + plan.n_prefix * plan.reparam_hidden * act
     if plan.full:                                # the embeddings keep their int64 indices
         kept += B * T * 8 + (T * 8 if shape.n_positions else 0)
     return kept

@@ -75,6 +75,10 @@ def _apply(model, method, options):
         return mp.add_lora(model, **options)
     if method == "prompt":
         return mp.add_prompt_tuning(model, **options)
+    if method == "prefix":
+        return mp.add_prefix_tuning(model, **options)
+    if method == "adapter":
+        return mp.add_adapters(model, **options)
     if method == "qlora":
         mp.quantize_nf4(model, double_quant=options.pop("double_quant", True))
         return mp.add_lora(model, **options)
@@ -88,6 +92,11 @@ CASES = [
     ("lora", {"r": 3, "targets": ("k_proj", "fc_out")}),
     ("lora", {"r": 2, "targets": ("o_proj",)}),
     ("prompt", {"n_tokens": 5}),
+    ("prefix", {"n_prefix": 4}),
+    ("prefix", {"n_prefix": 3, "reparam": False}),
+    ("adapter", {"bottleneck": 4}),
+    ("adapter", {"bottleneck": 3, "placement": "pfeiffer"}),
+    ("adapter", {"bottleneck": 3, "placement": "houlsby", "activation": "relu"}),
     ("qlora", {"r": 4}),
     ("qlora", {"r": 2, "targets": "all-linear", "double_quant": False}),
 ]
