@@ -31,7 +31,7 @@ from .lora_multi import (active_lora_adapter, delete_lora_adapter, disable_lora,
                          lora_adapters, set_lora_adapter, unload_lora)
 # --- NF4 and QLoRA (nf4.py, qlora.py) ---
 from . import nf4
-from .qlora import Linear4bit, NF4Config, linear4bit_layers, quantize_nf4
+from .qlora import Linear4bit, NF4Config, dequantize_nf4, linear4bit_layers, quantize_nf4
 # --- memory (memory.py) ---
 from .memory import MemoryBreakdown, SavedTensors, measure_memory, weight_bytes
 from .memory_formula import PRESETS, ModelShape, predict_memory

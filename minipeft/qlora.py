@@ -13,8 +13,8 @@ and only the adapters train: that is QLoRA (Dettmers et al. 2023, arXiv 2305.143
 Merging an adapter into a 4-bit layer means dequantise, add ``dW``, requantise: the merged weight is
 rounded to 4 bits again, so the layer refuses unless asked (``merge_lora(model, requantize=True)``).
 Unmerging subtracts ``dW`` and requantises once more: the original codes do not come back exactly
-(reload the base for that). The usual alternative is to keep the adapter unmerged, or to merge into a
-16-bit copy of the dequantised base.
+(reload the base for that). The usual alternatives: keep the adapter unmerged, or merge into a 16-bit
+copy of the dequantised base (:func:`dequantize_nf4`, then ``merge_lora``).
 """
 from __future__ import annotations
 
@@ -161,6 +161,25 @@ def quantize_nf4(model: nn.Module, skip=("tok_emb", "head"), blocksize: int = 64
     for name, layer in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def dequantize_nf4(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Undo :func:`quantize_nf4` as far as it can be undone: every :class:`Linear4bit` becomes a frozen
+    ``nn.Linear`` holding its dequantised weight ``W_hat`` (not the original ``W``), in place. LoRA layers
+    wrapping them stay; ``merge_lora`` then adds ``dW`` to ``W_hat`` exactly, at ``dtype``'s memory cost."""
+    layers = linear4bit_layers(model)
+    if not layers:
+        raise ValueError("the model has no Linear4bit layers to dequantise")
+    for name, q in layers.items():
+        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None,
+                           device=q.packed.device, dtype=dtype).requires_grad_(False)
+        with torch.no_grad():
+            linear.weight.copy_(q.dequantized_weight(dtype))
+            if q.bias is not None:
+                linear.bias.copy_(q.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
     return model
 
 

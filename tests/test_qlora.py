@@ -155,3 +155,24 @@ def test_bf16_compute_dtype():
     assert y.dtype == torch.float32  # back in the input's dtype
     ref = x @ layer.dequantized_weight().T + linear.bias
     assert torch.allclose(y, ref, rtol=0.02, atol=0.05)
+
+
+def test_dequantize_nf4_then_merge_exactly(tiny_model):
+    mp.quantize_nf4(tiny_model)
+    mp.add_lora(tiny_model, r=4, alpha=8, targets="all-linear")
+    torch.manual_seed(2)
+    for layer in mp.lora_layers(tiny_model).values():
+        nn.init.normal_(layer.lora_B, std=0.05)
+    x = torch.randint(1, 41, (2, 12))
+    y = tiny_model(x)
+    w_hat = tiny_model.blocks[1].mlp.fc_in.base_layer.dequantized_weight()
+    assert mp.dequantize_nf4(tiny_model) is tiny_model and not mp.linear4bit_layers(tiny_model)
+    fc_in = tiny_model.blocks[1].mlp.fc_in
+    assert type(fc_in.base_layer) is nn.Linear and torch.equal(fc_in.base_layer.weight, w_hat)
+    assert mp.trainable_parameters(tiny_model)[0] == sum(4 * (m.in_features + m.out_features)
+                                                         for m in mp.lora_layers(tiny_model).values())
+    assert torch.allclose(tiny_model(x), y, atol=1e-5)     # the same function, now in fp32 weights
+    mp.merge_lora(tiny_model)                              # no requantisation needed: exact up to fp32 rounding
+    assert torch.allclose(tiny_model(x), y, atol=1e-4)
+    with pytest.raises(ValueError, match="no Linear4bit"):
+        mp.dequantize_nf4(tiny_model)
