@@ -78,8 +78,10 @@ def plot_memory_estimate(preset: str = "Llama-2-7B", method: str = "lora", r: in
     """One predicted stacked bar (GB) with the common GPU sizes drawn across: what fits where."""
     p, fits = memory_estimate(preset, method, r, base_dtype, batch_size, seq_len)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    label = f"{method}" + (f" r={r}" if method in ("lora", "qlora") else "") + f"\n{base_dtype} base"
+    label = f"{method}" + (f" r={r}" if method in ("lora", "qlora") else "") + f", {base_dtype} base"
     plot_memory_breakdown({label: p}, ax=ax, unit="GB", title=f"{preset}, batch {batch_size} x {seq_len} tokens")
+    ax.tick_params(axis="x", labelrotation=0)
+    ax.get_xticklabels()[0].set_ha("center")
     top = max(p.total / 2 ** 30, 1.0)
     for g, ok in fits.items():
         if g <= 1.6 * top:
@@ -88,7 +90,30 @@ def plot_memory_estimate(preset: str = "Llama-2-7B", method: str = "lora", r: in
     ax.set_xlim(-0.6, 1.4)
     ax.set_ylim(0, max(1.6 * top, min(fits) * 1.1))
     fits_text = ", ".join(f"{g} GB" for g, ok in fits.items() if ok) or "none of 16/24/40/80 GB"
-    ax.set_xlabel(f"total {p.total / 2 ** 30:.1f} GB; fits: {fits_text}")
+    ax.set_title(f"{preset}, batch {batch_size} x {seq_len} tokens\ntotal {p.total / 2 ** 30:.1f} GB; fits: {fits_text}",
+                 fontsize=10)
+    return fig
+
+
+def plot_memory_scaling(model="Llama-2-7B", methods=None, batch_sizes=(1, 2, 4, 8, 16, 32, 64), seq_len: int = 512,
+                        base_dtype: str = "bf16", ax=None):
+    """Predicted total memory (GB) against batch size, one line per method ``{label: (method, options)}``.
+
+    The lines start far apart (weights, gradients, optimizer state) but rise with the same slope
+    (activations), so at large batches the saving of a PEFT method shrinks in proportion.
+    """
+    from .memory_formula import predict_memory
+    methods = methods or {"full": ("full", {}), "LoRA r=8 (all linear)": ("lora", {"r": 8, "targets": "all-linear"})}
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.8))
+    for label, (method, options) in methods.items():
+        totals = [predict_memory(model, method, b, seq_len, base_dtype=base_dtype, **options).total / 2 ** 30
+                  for b in batch_sizes]
+        ax.plot(batch_sizes, totals, "o-", label=label)
+    for g in GPU_SIZES_GB:
+        ax.axhline(g, color="gray", ls=":", lw=0.8)
+    ax.set(xlabel="batch size (sequences)", ylabel="GB", ylim=(0, None),
+           title=f"{model if isinstance(model, str) else 'model'}, {seq_len} tokens, {base_dtype} base")
+    ax.legend(fontsize=8)
     return fig
 
 

@@ -20,7 +20,7 @@ def memory_widget():
 
     controls = dict(
         preset=w.Dropdown(options=list(PRESETS), value="Llama-2-7B", description="model"),
-        method=w.Dropdown(options=["full", "prompt", "lora"], value="lora", description="method"),
+        method=w.Dropdown(options=["full", "prompt", "prefix", "adapter", "lora"], value="lora", description="method"),
         r=w.Dropdown(options=[1, 2, 4, 8, 16, 32, 64, 128], value=8, description="LoRA rank"),
         base_dtype=w.ToggleButtons(options=["fp32", "bf16", "nf4"], value="bf16", description="base"),
         batch_size=w.IntSlider(value=4, min=1, max=64, description="batch"),

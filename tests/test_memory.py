@@ -161,3 +161,47 @@ def test_formula_rejects_bad_input():
         predict_memory("GPT-5", "lora")
     with pytest.raises(ValueError, match="not linear layers"):
         predict_memory("toy", "lora", targets=("gate_proj",))
+
+
+# --- plots and the widget's function ---------------------------------------------------------------
+
+def test_gpu_fit_by_hand():
+    from minipeft.plots import gpu_fit
+    twenty_gb = mp.MemoryBreakdown({"bfloat16": 20 * 2 ** 30})
+    assert gpu_fit(twenty_gb) == {16: False, 24: True, 40: True, 80: True}
+    assert gpu_fit(mp.MemoryBreakdown({"float32": 24 * 2 ** 30}))[24]  # exactly full still fits
+
+
+@pytest.mark.parametrize("method", ["full", "prompt", "prefix", "adapter", "lora", "qlora"])
+@pytest.mark.parametrize("base_dtype", ["fp32", "bf16", "nf4"])
+def test_memory_estimate_over_its_range(method, base_dtype):
+    import matplotlib.pyplot as plt
+    from minipeft.plots import memory_estimate, plot_memory_estimate
+    if method == "full" and base_dtype == "nf4":
+        with pytest.raises(ValueError, match="4-bit"):
+            memory_estimate("Llama-2-7B", method, base_dtype=base_dtype)
+        return
+    p, fits = memory_estimate("Llama-2-7B", method, 8, base_dtype, 4, 512)
+    assert p.total > 0 and set(fits) == {16, 24, 40, 80}
+    if method == "full":  # 16 bytes per parameter before activations (REFERENCES, Memory)
+        assert p.weight_bytes + p.gradients + p.optimizer == 16 * 6_738_415_616
+    fig = plot_memory_estimate("Llama-2-7B", method, 8, base_dtype, 4, 512)
+    assert len(fig.axes[0].patches) == 4
+    plt.close(fig)
+
+
+def test_breakdown_bars_stack_to_the_totals():
+    import matplotlib.pyplot as plt
+    from minipeft.plots import plot_memory_breakdown, plot_memory_scaling
+    parts = {"a": mp.MemoryBreakdown({"float32": 2 ** 20}, 2 ** 20, 2 * 2 ** 20, 3 * 2 ** 20),
+             "b": mp.MemoryBreakdown({"float32": 2 ** 20}, 0, 0, 5 * 2 ** 20)}
+    fig = plot_memory_breakdown(parts, unit="MB")
+    tops = {}
+    for bar in fig.axes[0].patches:
+        x = round(bar.get_x() + bar.get_width() / 2)
+        tops[x] = max(tops.get(x, 0), bar.get_y() + bar.get_height())
+    assert tops == {0: pytest.approx(7.0), 1: pytest.approx(6.0)}
+    plt.close(fig)
+    fig = plot_memory_scaling("OPT-125M", batch_sizes=(1, 4), seq_len=128)
+    assert len(fig.axes[0].get_lines()) == 2 + 4  # two methods, four GPU sizes
+    plt.close(fig)
