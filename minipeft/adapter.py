@@ -72,6 +72,9 @@ class Adapter(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h)
 
+    def extra_repr(self) -> str:
+        return f"bottleneck={self.config.bottleneck}, params={sum(p.numel() for p in self.parameters()):,}"
+
 
 class AdaptedLinear(nn.Module):
     """A frozen linear layer (the original weight and bias) followed by the adapters in use."""
@@ -85,7 +88,10 @@ class AdaptedLinear(nn.Module):
         self.combine = "stack"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.weight, self.bias)
+        return self.adapt(F.linear(x, self.weight, self.bias))
+
+    def adapt(self, h: torch.Tensor) -> torch.Tensor:
+        """Run the adapters in use on the layer's output ``h``."""
         used = [self.adapters[n] for n in self.active if n in self.adapters]
         if self.combine == "average" and used:
             # h + (1/k) sum_i delta_i(h)

@@ -27,8 +27,8 @@ base model), :func:`delete_prefix` removes one, :func:`list_prefixes` lists them
 name per row, a single forward pass runs each row with its own task's prefix: the cache simply holds a
 different prefix in each row (all of them must have the same ``n_prefix``).
 
-Sizes: ``add_prefix_tuning`` asks for ``n_prefix >= 1``; :class:`Prefix` itself accepts zero (a prefix
-of length zero is the base model, which the tests check).
+Sizes: ``add_prefix_tuning`` asks for ``n_prefix >= 1``. The hook itself works with an empty prefix,
+which leaves the base model unchanged: the tests check that by emptying the parameter.
 """
 from __future__ import annotations
 
@@ -85,6 +85,10 @@ class Prefix(nn.Module):
                 init = 0.1 * torch.randn(n_layer, 2, n, d_model, generator=g)
             self.prefix = nn.Parameter(init.detach().clone())  # (L, 2, n, C)
 
+    @property
+    def n_prefix(self) -> int:
+        return self.embedding.shape[0] if self.config.reparam else self.prefix.shape[2]
+
     def forward(self) -> torch.Tensor:
         if not self.config.reparam:
             return self.prefix
@@ -106,7 +110,7 @@ class Prefix(nn.Module):
     def extra_repr(self) -> str:
         c, n = self.config, sum(p.numel() for p in self.parameters())
         how = f"reparam: {c.reparam_dim} -> {c.reparam_hidden} -> {self.n_layer * 2 * self.d_model}" if c.reparam else "plain"
-        return f"n_prefix={c.n_prefix}, n_layer={self.n_layer}, d_model={self.d_model}, {how}, params={n:,}"
+        return f"n_prefix={self.n_prefix}, n_layer={self.n_layer}, d_model={self.d_model}, {how}, params={n:,}"
 
 
 class PrefixTuning(nn.Module):
@@ -126,7 +130,7 @@ class PrefixTuning(nn.Module):
     def n_prefix(self) -> int:
         """Length of the prefixes in use (set_prefix makes sure that mixed ones agree)."""
         first = self.active if isinstance(self.active, str) else self.active[0]
-        return self.prefixes[first].config.n_prefix
+        return self.prefixes[first].n_prefix
 
     def layers(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The cache content for a batch: per layer ``(k, v)``, each ``(B, n_head, n_prefix, head_dim)``."""
@@ -245,7 +249,7 @@ def set_prefix(model: GPT, names: str | list[str] | None) -> GPT:
     unknown = sorted(set(n for n in used if n not in pt.prefixes))
     if unknown:
         raise ValueError(f"unknown prefix name(s) {unknown}; the model has {pt.names}")
-    sizes = {pt.prefixes[n].config.n_prefix for n in used}
+    sizes = {pt.prefixes[n].n_prefix for n in used}
     if len(sizes) > 1:
         raise ValueError(f"prefixes mixed in one batch must have the same n_prefix, got sizes {sorted(sizes)}")
     for n, prefix in pt.prefixes.items():

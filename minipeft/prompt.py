@@ -24,9 +24,9 @@ position: the hook hands the model ``P - pos_emb[0]`` at position 0, so after th
 Generation: ``model.generate`` hands the model an empty :class:`KVCache` on its first call; the soft
 prompt goes in front then and stays in the cache, so later steps (cache not empty) add nothing.
 
-Sizes: ``add_prompt_tuning`` asks for at least one token (a zero-token prompt trains nothing).
-:class:`SoftPrompt` itself accepts zero rows; the tests use that degenerate prompt to check that the
-mechanism alone leaves the base model unchanged.
+Sizes: ``add_prompt_tuning`` asks for at least one token (a zero-token prompt trains nothing). The
+hooks themselves work with an empty soft prompt, which leaves the base model unchanged: the tests
+check that by emptying the parameter.
 """
 from __future__ import annotations
 

@@ -104,3 +104,27 @@ def nf4_bins_widget(weights: dict, blocksize: int = 64):
     w.interactive_output(draw, controls)
     display(w.VBox([w.HBox([controls["layer"], controls["blocksize"], controls["double_quant"]]),
                     w.HBox([controls["block"], controls["quant_type"]]), out]))
+
+
+# --- prompt tuning, prefix tuning, adapters ----------------------------------------------------------
+
+
+def sweep_widget(x, values, histories=None, xlabel: str = "", title: str = ""):
+    """A slider over the stored sweep ``x`` (for example the number of virtual tokens) redrawing
+    :func:`minipeft.plots.plot_sweep_selection`; nothing is retrained."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from .plots import plot_sweep_selection
+
+    slider = w.SelectionSlider(options=list(x), value=list(x)[-1], description=xlabel or "x")
+    out = w.Output()
+
+    def draw(selected):
+        out.clear_output(wait=True)
+        with out:
+            plt.show(plot_sweep_selection(x, values, selected, histories, xlabel, title=title))
+
+    w.interactive_output(draw, dict(selected=slider))
+    display(w.VBox([slider, out]))

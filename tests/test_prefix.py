@@ -1,0 +1,209 @@
+"""Prefix tuning, checked against attention written out here over the concatenated keys and values."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import minipeft as mp
+
+
+def copy_of(model):
+    twin = mp.GPT(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def attention_by_hand(attn, x, pk, pv):
+    """softmax(q [Pk ; K]^T / sqrt(hs) + mask) [Pv ; V] for one layer; pk, pv: (B, H, n, hs). Returns (out, weights)."""
+    B, T, C = x.shape
+    H = attn.n_head
+    hs = C // H
+    split = lambda t: t.view(B, T, H, hs).permute(0, 2, 1, 3)  # (B, T, C) -> (B, H, T, hs)
+    q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
+    K, V = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+    n = pk.shape[2]
+    out, weights = torch.zeros(B, H, T, hs), torch.zeros(B, H, T, n + T)
+    for t in range(T):  # query t sees all n prefix positions and text positions 0..t
+        s = q[:, :, t:t + 1] @ K[:, :, :n + t + 1].transpose(-1, -2) / math.sqrt(hs)
+        w = s.softmax(-1)
+        weights[:, :, t, :n + t + 1] = w[:, :, 0]
+        out[:, :, t] = (w @ V[:, :, :n + t + 1])[:, :, 0]
+    return attn.o_proj(out.permute(0, 2, 1, 3).reshape(B, T, C)), weights
+
+
+def by_hand(model, prefix, x):
+    """The whole model with prefix (L, 2, n, C) per row (B, L, 2, n, C); the text at positions 0..T-1."""
+    B, T = x.shape
+    L, H, C = model.config.n_layer, model.config.n_head, model.config.d_model
+    if prefix.dim() == 4:
+        prefix = prefix.expand(B, *prefix.shape)
+    n = prefix.shape[3]
+    h = model.tok_emb(x) + model.pos_emb(torch.arange(T))
+    weights = []
+    for i, block in enumerate(model.blocks):
+        heads = lambda p: p.reshape(B, n, H, C // H).transpose(1, 2)  # (B, n, C) -> (B, H, n, hs)
+        a, w = attention_by_hand(block.attn, block.ln_1(h), heads(prefix[:, i, 0]), heads(prefix[:, i, 1]))
+        weights.append(w)
+        h = h + a
+        h = h + block.mlp(block.ln_2(h))
+    return model.head(model.ln_f(h)), weights
+
+
+def test_empty_prefix_is_the_base(tiny_model):
+    x = torch.randint(1, 41, (2, 9))
+    before = tiny_model(x)
+    mp.add_prefix_tuning(tiny_model, n_prefix=1, reparam=False)
+    tiny_model.prefix_tuning.prefixes["default"].prefix = nn.Parameter(torch.zeros(2, 2, 0, 32))  # degenerate
+    assert torch.equal(tiny_model(x), before)
+
+
+@pytest.mark.parametrize("n_prefix,reparam", [(1, False), (4, False), (4, True), (9, True)])
+def test_attention_with_prefix_equals_hand_computation(tiny_model, n_prefix, reparam):
+    reference = copy_of(tiny_model)
+    mp.add_prefix_tuning(tiny_model, n_prefix=n_prefix, reparam=reparam, init="random", seed=1)
+    for block in tiny_model.blocks:
+        block.attn.keep_attn = True
+    x = torch.randint(1, 41, (3, 10))
+    with torch.no_grad():
+        out = tiny_model(x)
+        ref, weights = by_hand(reference, tiny_model.prefix_tuning.prefixes["default"](), x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for block, w in zip(tiny_model.blocks, weights):
+        torch.testing.assert_close(block.attn.attn_weights, w, atol=1e-6, rtol=1e-5)
+
+
+def test_parameter_counts_by_formula(tiny_model):
+    L, C = 2, 32
+    base = sum(p.numel() for p in tiny_model.parameters())
+    mp.add_prefix_tuning(tiny_model, n_prefix=5, reparam=True, reparam_dim=8, reparam_hidden=16)
+    mlp = 5 * 8 + (8 * 16 + 16) + (16 * L * 2 * C + L * 2 * C)
+    assert mp.trainable_parameters(tiny_model) == (mlp, base + mlp)
+    mp.fold_prefix(tiny_model)
+    assert mp.trainable_parameters(tiny_model) == (L * 2 * 5 * C, base + L * 2 * 5 * C)
+
+
+def test_folding_the_reparameterisation_keeps_the_outputs(tiny_model):
+    mp.add_prefix_tuning(tiny_model, n_prefix=6, reparam=True)
+    mp.train(tiny_model, mp.make_task("rotate", n_train=64, n_val=8), steps=3, lr=1e-2, batch_size=8,
+             device="cpu", progress=False)
+    x = torch.randint(1, 41, (4, 12))
+    before = tiny_model(x)
+    mp.fold_prefix(tiny_model)
+    prefix = tiny_model.prefix_tuning.prefixes["default"]
+    assert not prefix.config.reparam and not hasattr(prefix, "mlp") and prefix.prefix.requires_grad
+    torch.testing.assert_close(tiny_model(x), before, atol=1e-6, rtol=0)
+
+
+def test_gradients_reach_only_the_prefix_and_the_base_stays_bit_for_bit(tiny_model):
+    before = state(tiny_model)
+    mp.add_prefix_tuning(tiny_model, n_prefix=3, reparam=True)
+    x, y = mp.encode_batch(["rotate:abcd=bcda.", "rotate:xyz=yzx."])
+    F.cross_entropy(tiny_model(x).reshape(-1, 41), y.reshape(-1), ignore_index=-100).backward()
+    for name, p in tiny_model.named_parameters():
+        assert (p.grad is not None) == name.startswith("prefix_tuning."), name
+    mp.train(tiny_model, mp.make_task("rotate", n_train=64, n_val=8), steps=3, lr=1e-2, batch_size=8,
+             device="cpu", progress=False)
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mixed_task_batch_equals_per_task_runs(tiny_model):
+    reference = copy_of(tiny_model)
+    mp.add_prefix_tuning(tiny_model, n_prefix=4, reparam=False, name="rotate", init="random", seed=1)
+    mp.add_prefix_tuning(tiny_model, n_prefix=4, reparam=True, name="caesar", seed=2)
+    x = torch.randint(1, 41, (4, 11))
+    rows = ["rotate", "caesar", "caesar", "rotate"]
+    alone = {}
+    for name in ("rotate", "caesar", None):
+        mp.set_prefix(tiny_model, name)
+        alone[name] = tiny_model(x)
+    mp.set_prefix(tiny_model, rows)
+    mixed = tiny_model(x)
+    for b, name in enumerate(rows):
+        torch.testing.assert_close(mixed[b], alone[name][b], atol=1e-6, rtol=0)
+    # and against the hand computation with one prefix per row
+    p = tiny_model.prefix_tuning.prefixes
+    per_row = torch.stack([p[name]() for name in rows]).detach()
+    torch.testing.assert_close(mixed, by_hand(reference, per_row, x)[0], atol=1e-5, rtol=1e-5)
+    mp.set_prefix(tiny_model, None)
+    assert torch.equal(tiny_model(x), alone[None])
+
+
+def test_named_prefixes_add_list_switch_delete(tiny_model):
+    x = torch.randint(1, 41, (2, 8))
+    base_out = tiny_model(x)
+    mp.add_prefix_tuning(tiny_model, n_prefix=3, reparam=False, name="a", init="random")
+    out_a = tiny_model(x)
+    mp.add_prefix_tuning(tiny_model, n_prefix=5, reparam=False, name="b", init="random", seed=4)
+    assert mp.list_prefixes(tiny_model) == ["a", "b"] and tiny_model.prefix_tuning.active == "b"
+    trainable = lambda: {n for n, p in tiny_model.prefix_tuning.prefixes.items() if p.prefix.requires_grad}
+    assert trainable() == {"b"}
+    mp.set_prefix(tiny_model, "a")
+    assert trainable() == {"a"} and torch.equal(tiny_model(x), out_a)
+    mp.delete_prefix(tiny_model, "a")
+    assert mp.list_prefixes(tiny_model) == ["b"] and tiny_model.prefix_tuning.active is None
+    assert torch.equal(tiny_model(x), base_out)
+
+
+def test_generation_with_and_without_cache_matches_hand_greedy(tiny_model):
+    reference = copy_of(tiny_model)
+    mp.add_prefix_tuning(tiny_model, n_prefix=5, reparam=True)
+    x = torch.randint(1, 41, (2, 6))
+    out = x
+    with torch.no_grad():
+        prefix = tiny_model.prefix_tuning.prefixes["default"]()
+        for _ in range(6):
+            out = torch.cat([out, by_hand(reference, prefix, out)[0][:, -1:].argmax(-1)], 1)
+    assert torch.equal(tiny_model.generate(x, 6, use_cache=True), out)
+    assert torch.equal(tiny_model.generate(x, 6, use_cache=False), out)
+
+
+def test_the_context_counts_the_prefix(tiny_model):
+    mp.add_prefix_tuning(tiny_model, n_prefix=40, reparam=False)  # block_size 48
+    tiny_model(torch.randint(1, 41, (1, 8)))
+    with pytest.raises(ValueError, match="a prefix of 40 positions \\+ 9 input tokens exceed the context"):
+        tiny_model(torch.randint(1, 41, (1, 9)))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(n_prefix=0), "n_prefix must be a positive integer"),
+    (dict(n_prefix=-1), "n_prefix must be a positive integer"),
+    (dict(n_prefix=1.5), "n_prefix must be a positive integer"),
+    (dict(n_prefix=48), "leaves no room for text"),
+    (dict(n_prefix=4, reparam_hidden=0), "reparam_hidden must be a positive integer"),
+    (dict(n_prefix=4, reparam="yes"), "reparam must be True or False"),
+    (dict(n_prefix=4, init="zeros"), "unknown init 'zeros'"),
+    (dict(n_prefix=4, name="my task"), "must be a Python identifier"),
+])
+def test_bad_input_names_the_problem_and_leaves_the_model(tiny_model, kwargs, message):
+    before = state(tiny_model)
+    with pytest.raises(ValueError, match=message):
+        mp.add_prefix_tuning(tiny_model, **kwargs)
+    assert not hasattr(tiny_model, "prefix_tuning") and not tiny_model._forward_pre_hooks
+    assert all(p.requires_grad for p in tiny_model.parameters())
+    after = tiny_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_same_name_twice_and_bad_switches_are_errors(tiny_model):
+    mp.add_prefix_tuning(tiny_model, n_prefix=3, reparam=False, name="a")
+    mp.add_prefix_tuning(tiny_model, n_prefix=4, reparam=False, name="b")
+    before = state(tiny_model)
+    with pytest.raises(ValueError, match="already has a prefix named 'a'"):
+        mp.add_prefix_tuning(tiny_model, n_prefix=3, name="a")
+    with pytest.raises(ValueError, match="unknown prefix name\\(s\\) \\['c'\\]"):
+        mp.set_prefix(tiny_model, ["a", "c"])
+    with pytest.raises(ValueError, match="same n_prefix, got sizes \\[3, 4\\]"):
+        mp.set_prefix(tiny_model, ["a", "b"])
+    mp.set_prefix(tiny_model, ["a", "a"])
+    with pytest.raises(ValueError, match="2 names, one per row, but the batch has 3 rows"):
+        tiny_model(torch.randint(1, 41, (3, 5)))
+    assert mp.list_prefixes(tiny_model) == ["a", "b"] and len(tiny_model._forward_pre_hooks) == 1
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
