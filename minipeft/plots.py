@@ -170,6 +170,31 @@ def lowrank_numbers(delta_full, delta_lora, r: int) -> dict:
                 chance=min(1.0, max(lora_rank, r) / full.shape[0]))
 
 
+def plot_energy_curves(deltas: dict, r: int = 8, ax=None, max_rank: int = 128):
+    """Cumulative energy of each update's top-k directions vs k, one curve per layer (coloured by
+    the layer's kind, the last part of its name), with a random matrix of each shape for comparison."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 4))
+    kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in deltas))
+    shapes = {}
+    for name, delta in deltas.items():
+        kind = name.rsplit(".", 1)[-1]
+        s2 = singular_values(delta) ** 2
+        k = np.arange(1, min(max_rank, len(s2)) + 1)
+        ax.plot(k, np.cumsum(s2)[:len(k)] / s2.sum(), color=f"C{kinds.index(kind)}", alpha=0.7,
+                label=kind if kind not in shapes else None)
+        shapes.setdefault(kind, np.shape(_np(delta)))
+    for shape in dict.fromkeys(shapes.values()):
+        s2 = singular_values(np.random.default_rng(0).standard_normal(shape)) ** 2
+        k = np.arange(1, min(max_rank, len(s2)) + 1)
+        ax.plot(k, np.cumsum(s2)[:len(k)] / s2.sum(), "--", color="gray",
+                label=f"random {shape[0]}x{shape[1]} matrix")
+    ax.axvline(r, color="k", lw=0.8, ls=":")
+    ax.set(xscale="log", xlabel="number of top directions k", ylabel="share of the update's energy",
+           ylim=(0, 1.02), title="how much of $\\Delta W$ its top k directions hold")
+    ax.legend(fontsize=8, ncol=2)
+    return fig
+
+
 def plot_lowrank(delta_full, delta_lora, r: int, layer: str = "", max_rank: int = 64):
     """The low-rank widget's picture for one layer and rank ``r``: spectra, rank-r error, similarity."""
     from .lora import subspace_similarity
@@ -219,16 +244,18 @@ def plot_lowrank(delta_full, delta_lora, r: int, layer: str = "", max_rank: int 
 
 def plot_sweep(x, results: dict, xlabel: str, ylabel: str = "exact match", logx: bool = True,
                ax=None, title: str = "", best: str | None = None):
-    """Mean +- std over seeds per curve, ``results = {label: array (n_seeds, len(x))}``;
-    ``best="max"`` (or ``"min"``) stars each curve's best point."""
+    """Mean +- std over seeds per curve: ``results = {label: array (n_seeds, len(x))}``, or with
+    ``x=None`` each curve brings its own x, ``{label: (x, array)}``. ``best="max"`` (or ``"min"``)
+    stars each curve's best point."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.8))
     for i, (label, values) in enumerate(results.items()):
-        v = np.asarray(values, dtype=float).reshape(-1, len(x))
+        xs, values = (x, values) if x is not None else values
+        v = np.asarray(values, dtype=float).reshape(-1, len(xs))
         mean, std = v.mean(0), v.std(0)
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label, color=f"C{i}")
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label, color=f"C{i}")
         if best:
             b = int(np.argmax(mean) if best == "max" else np.argmin(mean))
-            ax.plot(x[b], mean[b], "*", ms=16, color=f"C{i}", markeredgecolor="k", zorder=5)
+            ax.plot(xs[b], mean[b], "*", ms=16, color=f"C{i}", markeredgecolor="k", zorder=5)
     if logx:
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
