@@ -17,8 +17,7 @@ lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/
 
 test: $(VENV)/.installed
-	MINIPEFT_QUICK=1 $(PY) -m pytest -q tests
-	MINIPEFT_QUICK=1 $(PY) -m pytest -q --nbval-lax notebooks
+	MINIPEFT_QUICK=1 $(PY) -m pytest -q --durations=10 --nbval-lax tests notebooks
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests
