@@ -34,7 +34,8 @@ from . import nf4
 from .qlora import Linear4bit, NF4Config, dequantize_nf4, linear4bit_layers, quantize_nf4
 # --- memory (memory.py) ---
 from .memory import MemoryBreakdown, SavedTensors, measure_memory, weight_bytes
-from .memory_formula import PRESETS, ModelShape, predict_memory
+from .memory_formula import predict_memory
+from .presets import PRESETS, ModelShape
 # --- saving and loading adapters (io.py) ---
 from .io import (AdapterFileError, BaseMismatchError, base_fingerprint, base_state_dict, load_adapter,
                  read_adapter_config, save_adapter)

@@ -15,6 +15,7 @@ fills it with measurements on the toy model, the same way for every method:
 """
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import tempfile
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from .base import load_base
@@ -33,7 +33,8 @@ from .adapter import add_adapters
 from .lora import add_lora
 from .memory import MemoryBreakdown, measure_memory
 from .memory_formula import predict_memory
-from .prefix import add_prefix_tuning
+from .io import save_adapter
+from .prefix import add_prefix_tuning, fold_prefix
 from .prompt import add_prompt_tuning
 from .qlora import quantize_nf4
 from .tasks import PRETRAIN_TASKS, encode_batch, make_task
@@ -74,9 +75,9 @@ METHODS = {m.key: m for m in [
 @dataclass
 class CompareConfig:
     task: str = "sortdesc"
-    steps: int = 400                # per run, every method alike
+    steps: int = 300                # per run, every method alike
     seeds: int = 3
-    sweep_steps: int = 150          # per learning rate of the sweep (seed 0)
+    sweep_steps: int = 100          # per learning rate of the sweep (seed 0)
     batch_size: int = 32
     methods: tuple[str, ...] = tuple(METHODS)
     device: str | None = None       # default: the GPU if there is one
@@ -136,19 +137,14 @@ class MethodResult:
 
 
 def checkpoint_bytes(model, key: str) -> int:
-    """Bytes on disk of the trained part: ``save_adapter``'s two files where it knows the method,
-    else the trainable tensors in one safetensors file."""
-    try:
-        from .io import METHODS as SAVED, save_adapter
-    except ImportError:
-        SAVED = {}
+    """Bytes on disk of what one task needs: the two files of ``save_adapter`` (a prefix is folded
+    first: the reparameterisation MLP is dropped after training, as in the paper)."""
     kind = {"lora_qv": "lora", "lora_all": "lora", "qlora": "lora"}.get(key, key)
-    if kind in SAVED:
-        with tempfile.TemporaryDirectory() as d:
-            save_adapter(model, d, method=kind)
-            return sum(f.stat().st_size for f in Path(d).iterdir())
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    return len(safetensors_bytes(tensors))
+    if kind == "prefix":
+        model = fold_prefix(copy.deepcopy(model))
+    with tempfile.TemporaryDirectory() as d:
+        save_adapter(model, d, method=kind)
+        return sum(f.stat().st_size for f in Path(d).iterdir())
 
 
 def pretrain_accuracy(model, n: int, tasks=None) -> float:

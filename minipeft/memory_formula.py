@@ -27,81 +27,23 @@ walks one block in the order of the forward pass with a flag "does this tensor n
 (:func:`block_activations`), exactly as autograd decides. Prompt tuning lengthens T by its virtual
 tokens and needs the gradient all the way down; prefix tuning lengthens the keys and values to Tk.
 
-Presets give the published shapes of real models (Hugging Face ``config.json`` files, cited beside
-each), so the formula answers "what would LoRA cost on a 7B model?". For them the formula assumes
-fused norms and, by default, FlashAttention-style attention: an estimate, not a measurement.
+The presets of :mod:`minipeft.presets` give the published shapes of real models, so the formula
+answers "what would LoRA cost on a 7B model?". For them it assumes fused norms and, by default,
+FlashAttention-style attention: an estimate, not a measurement.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .memory import MemoryBreakdown
 from .model import GPTConfig
+from .presets import PRESETS, ModelShape
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 BASE_DTYPES = ("fp32", "bf16", "nf4")
 METHODS = ("full", "prompt", "prefix", "adapter", "lora", "qlora")
 NF4_BLOCK = 64  # weights per fp32 absmax constant
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes the formula needs. ``from_config`` reads a :class:`minipeft.GPTConfig` (our toy model)."""
-    name: str
-    vocab_size: int
-    d_model: int
-    n_layer: int
-    n_head: int
-    d_ff: int
-    n_positions: int = 0        # learned position embeddings (0: rotary, no parameters)
-    n_kv_head: int | None = None  # grouped-query attention (Llama-2-70B: 8); None = n_head
-    mlp: str = "gelu"           # "gelu" | "relu": fc_in, fc_out; "swiglu": fc_gate, fc_in (up), fc_out (down)
-    bias: bool = True
-    norm: str = "layernorm"     # "layernorm": weight + bias, keeps mean and 1/std; "rmsnorm": weight, keeps 1/rms
-    tied_head: bool = False     # the output head shares the token embedding
-    source: str = ""
-
-    @classmethod
-    def from_config(cls, config: GPTConfig, name: str = "toy") -> "ModelShape":
-        return cls(name, config.vocab_size, config.d_model, config.n_layer, config.n_head, config.d_ff,
-                   n_positions=config.block_size)
-
-    @property
-    def kv_dim(self) -> int:
-        return self.d_model // self.n_head * (self.n_kv_head or self.n_head)
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of every linear layer of one block, by our names."""
-        C, F, K = self.d_model, self.d_ff, self.kv_dim
-        mlp = {"fc_in": (C, F), "fc_out": (F, C)}
-        if self.mlp == "swiglu":
-            mlp = {"fc_gate": (C, F), **mlp}
-        return {"q_proj": (C, C), "k_proj": (C, K), "v_proj": (C, K), "o_proj": (C, C), **mlp}
-
-    def n_params(self) -> int:
-        """Parameters of the base model."""
-        C, V = self.d_model, self.vocab_size
-        norm = 2 * C if self.norm == "layernorm" else C
-        block = sum(i * o + (o if self.bias else 0) for i, o in self.linears().values()) + 2 * norm
-        head = 0 if self.tied_head else V * C
-        return V * C + self.n_positions * C + self.n_layer * block + norm + head
-
-
-# Published shapes: the config.json of each model on the Hugging Face hub.
-PRESETS = {
-    "toy": ModelShape.from_config(GPTConfig()),
-    "OPT-125M": ModelShape("OPT-125M", 50272, 768, 12, 12, 3072, n_positions=2050, mlp="relu", tied_head=True,
-                           source="huggingface.co/facebook/opt-125m/blob/main/config.json"),
-    "OPT-1.3B": ModelShape("OPT-1.3B", 50272, 2048, 24, 32, 8192, n_positions=2050, mlp="relu", tied_head=True,
-                           source="huggingface.co/facebook/opt-1.3b/blob/main/config.json"),
-    "Llama-2-7B": ModelShape("Llama-2-7B", 32000, 4096, 32, 32, 11008, mlp="swiglu", bias=False, norm="rmsnorm",
-                             source="huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json"),
-    "Llama-2-13B": ModelShape("Llama-2-13B", 32000, 5120, 40, 40, 13824, mlp="swiglu", bias=False, norm="rmsnorm",
-                              source="huggingface.co/meta-llama/Llama-2-13b-hf/blob/main/config.json"),
-    "Llama-2-70B": ModelShape("Llama-2-70B", 32000, 8192, 80, 64, 28672, n_kv_head=8, mlp="swiglu", bias=False,
-                              norm="rmsnorm", source="huggingface.co/meta-llama/Llama-2-70b-hf/blob/main/config.json"),
-}
 
 
 @dataclass(frozen=True)

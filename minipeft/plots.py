@@ -126,6 +126,8 @@ def plot_comparison(results, axes=None):
             ax.annotate(r.key, (x, r.mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
     axes[0].set(xscale="log", xlabel="trainable parameters (log)", ylabel="exact match", title="accuracy vs trainable parameters")
     axes[1].set(xlabel="training memory of one step (MB)", ylabel="exact match", title="accuracy vs memory")
+    for ax in axes:
+        ax.set_ylim(-0.03, 1.03)
     axes[1].legend(fontsize=7, loc="best")
     return fig
 

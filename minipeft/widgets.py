@@ -15,7 +15,7 @@ def memory_widget():
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    from .memory_formula import PRESETS
+    from .presets import PRESETS
     from .plots import plot_memory_estimate
 
     controls = dict(

@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 
 import minipeft as mp
-from minipeft.memory_formula import PRESETS, ModelShape, predict_memory
+from minipeft.memory_formula import predict_memory
+from minipeft.presets import PRESETS, ModelShape
 
 
 # --- the measurement, against a hand computation ---------------------------------------------------
