@@ -102,7 +102,7 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         LoRAConfig(r, alpha, ("-",), dropout, rslora, name)  # checks the values
-        check_rank(r, self, name)
+        check_rank(r, self, f"this layer (adapter {name!r})")
         if name in self.adapters:
             raise ValueError(f"this layer already has a LoRA adapter named {name!r}")
         ref = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()), None)
