@@ -63,7 +63,12 @@ JS_CELLS = """() => {
       index: i,
       errors: o.filter(x => x.output_type === 'error').map(x => x.ename + ': ' + x.evalue),
       widget_views: o.filter(x => x.data && x.data['application/vnd.jupyter.widget-view+json']).length,
-      drawn: q('.jupyter-widgets'),
+      // a widget view shown as its text/plain fallback: the widget front end is missing or broken
+      // (a closed widget, such as a finished tqdm bar, legitimately shows nothing at all)
+      fallback: Array.from(node.querySelectorAll('.jp-Cell-outputArea .jp-OutputArea-output[data-mime-type="text/plain"]'))
+        .map(x => x.innerText.trim())
+        .filter(t => o.some(x => x.data && x.data['application/vnd.jupyter.widget-view+json']
+                                 && [].concat(x.data['text/plain'] || []).join('').trim() === t)).length,
       sliders: q('.widget-slider .noUi-handle'),
       dropdowns: q('.widget-dropdown select'),
       toggles: q('.widget-toggle-buttons button'),
@@ -130,7 +135,9 @@ def _wait(page, predicate, timeout_s: float, what: str, poll_s: float = 0.5):
 
 
 def open_notebook(page, lab, name: str):
-    page.goto(lab.url(f"lab/tree/{name}"), wait_until="domcontentloaded", timeout=120_000)
+    # a workspace of its own, reset: JupyterLab must not reopen (and start kernels for) earlier tests' notebooks
+    page.goto(lab.url(f"lab/workspaces/{Path(name).stem}/tree/{name}") + "&reset",
+              wait_until="domcontentloaded", timeout=120_000)
     _wait(page, lambda: (page.evaluate(JS_STATE, name) or {}).get("kernel") == "idle", 180,
           f"{name} to open with an idle kernel")
 
@@ -199,7 +206,7 @@ def test_notebook_in_jupyterlab(tab, lab, artifacts, name, widgets_required):
     assert not errors, f"{name} shows errors after Run All: {errors}\nconsole: {tab.console[-5:]}"
     assert state["ran"] == state["code"], f"only {state['ran']} of {state['code']} code cells ran"
 
-    undrawn = [c["index"] for c in cells if c["widget_views"] and not c["drawn"]]
+    undrawn = [c["index"] for c in cells if c["fallback"]]
     broken = [f"cell {c['index']}: {b}" for c in cells for b in c["broken"]]
     assert not undrawn, (f"widgets of cells {undrawn} are shown as text, not drawn: is the ipywidgets "
                          f"front end (jupyterlab_widgets) installed and matching? console: {tab.console[-5:]}")
