@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: lab test unit notebooks pretrain clean
+.PHONY: lab test unit browser notebooks pretrain clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(VENV)/.installed
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# the course in JupyterLab in headless Chromium (also collected by `make test`; needs chromium + playwright)
+browser: $(VENV)/.installed
+	MINIPEFT_QUICK=1 $(PY) -m pytest -q -rs tests/browser
 
 pretrain: $(VENV)/.installed
 	$(PY) -m minipeft pretrain
