@@ -1,5 +1,6 @@
 # make lab   — set up .venv and open the course in JupyterLab
-# make test  — set up .venv and run every test: unit tests, then every notebook (quick mode) under nbval
+# make test  — set up .venv and run every test: unit tests, then every notebook (quick mode) under nbval,
+#              then the widget notebooks in JupyterLab in a headless browser (make browser)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,11 +19,12 @@ lab: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	MINIPEFT_QUICK=1 $(PY) -m pytest -q --durations=10 --nbval-lax tests notebooks
+	$(MAKE) --no-print-directory browser
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-# the course in JupyterLab in headless Chromium (also collected by `make test`; needs chromium + playwright)
+# the widget notebooks in JupyterLab in headless Chromium (part of `make test`; skips without chromium + playwright)
 browser: $(VENV)/.installed
 	MINIPEFT_QUICK=1 $(PY) -m pytest -q -rs tests/browser
 

@@ -2,7 +2,8 @@
 
 JupyterLab serves a temporary COPY of the notebooks (outputs stripped), so the committed notebooks are
 never touched. Without Chromium or the ``playwright`` package every test here is skipped with the reason,
-unless ``MINIPEFT_BROWSER_REQUIRED=1`` (set by CI) turns the skip into a failure.
+unless ``MINIPEFT_BROWSER_REQUIRED=1`` (set by CI) turns the skip into a failure. The test runs only when
+asked for by path (``make browser``, ``pytest tests/browser``) or with ``MINIPEFT_BROWSER=1``.
 
 Environment: ``MINIPEFT_CHROMIUM`` (path to the browser, default ``/usr/bin/chromium``),
 ``MINIPEFT_BROWSER_TIMEOUT`` (seconds for one notebook to run all its cells, default 300),
@@ -41,6 +42,28 @@ def _unavailable(reason: str):
     if os.environ.get("MINIPEFT_BROWSER_REQUIRED") == "1":
         pytest.fail(f"{reason} (MINIPEFT_BROWSER_REQUIRED=1, so this is an error, not a skip)")
     pytest.skip(reason)
+
+
+def _asked_for(config) -> bool:
+    """Run only when named (``pytest tests/browser``, ``make browser``): not inside ``pytest tests -k lora``."""
+    if os.environ.get("MINIPEFT_BROWSER") == "1":
+        return True
+    paths = [(config.invocation_params.dir / a.split("::")[0]).resolve() for a in config.args]
+    return any(p == HERE or HERE in p.parents for p in paths)
+
+
+def pytest_collection_modifyitems(config, items):
+    if _asked_for(config):
+        return
+    skip = pytest.mark.skip(reason="the browser test runs on its own: `make browser` (or pytest tests/browser)")
+    for item in items:
+        if HERE in Path(item.path).parents:
+            item.add_marker(skip)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """The fixture notebook is opened by the browser test, not collected by nbval as a course notebook."""
+    return collection_path.suffix == ".ipynb" and collection_path.parent == HERE or None
 
 
 def find_chromium() -> str | None:
