@@ -39,9 +39,6 @@ import torch.nn as nn
 
 from .full import freeze
 from .model import GPT, KVCache
-from .tasks import PAD_ID
-
-INITS = ("vocab", "random")
 
 
 def _positive_int(name: str, value) -> None:
@@ -55,7 +52,7 @@ class PrefixTuningConfig:
     reparam: bool = True
     reparam_dim: int = 32      # width of the small embedding P' that the MLP expands
     reparam_hidden: int = 64   # hidden width of the reparameterisation MLP
-    init: str = "vocab"        # plain prefixes: "vocab" = keys/values the base computes for sampled characters
+    init_std: float = 0.1      # plain prefixes start as N(0, init_std^2): small next to the base's keys
     seed: int = 0
 
     def __post_init__(self):
@@ -63,14 +60,14 @@ class PrefixTuningConfig:
             _positive_int(name, getattr(self, name))
         if not isinstance(self.reparam, bool):
             raise ValueError(f"reparam must be True or False, got {self.reparam!r}")
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
+        if not isinstance(self.init_std, (int, float)) or isinstance(self.init_std, bool) or not self.init_std >= 0:
+            raise ValueError(f"init_std must be a number >= 0, got {self.init_std!r}")
 
 
 class Prefix(nn.Module):
     """One task's prefixes: ``forward()`` returns them as one tensor ``(n_layer, 2, n_prefix, d_model)``."""
 
-    def __init__(self, config: PrefixTuningConfig, n_layer: int, d_model: int, init: torch.Tensor | None = None):
+    def __init__(self, config: PrefixTuningConfig, n_layer: int, d_model: int):
         super().__init__()
         self.config, self.n_layer, self.d_model = config, n_layer, d_model
         n, g = config.n_prefix, torch.Generator().manual_seed(config.seed)
@@ -81,9 +78,8 @@ class Prefix(nn.Module):
                 self.mlp = nn.Sequential(nn.Linear(config.reparam_dim, config.reparam_hidden), nn.Tanh(),
                                          nn.Linear(config.reparam_hidden, n_layer * 2 * d_model))
         else:
-            if init is None:
-                init = 0.1 * torch.randn(n_layer, 2, n, d_model, generator=g)
-            self.prefix = nn.Parameter(init.detach().clone())  # (L, 2, n, C)
+            prefix = config.init_std * torch.randn(n_layer, 2, n, d_model, generator=g)
+            self.prefix = nn.Parameter(prefix)  # (L, 2, n, C)
 
     @property
     def n_prefix(self) -> int:
@@ -109,7 +105,8 @@ class Prefix(nn.Module):
 
     def extra_repr(self) -> str:
         c, n = self.config, sum(p.numel() for p in self.parameters())
-        how = f"reparam: {c.reparam_dim} -> {c.reparam_hidden} -> {self.n_layer * 2 * self.d_model}" if c.reparam else "plain"
+        mlp = f"reparam: {c.reparam_dim} -> {c.reparam_hidden} -> {self.n_layer * 2 * self.d_model}"
+        how = mlp if c.reparam else "plain"
         return f"n_prefix={self.n_prefix}, n_layer={self.n_layer}, d_model={self.d_model}, {how}, params={n:,}"
 
 
@@ -136,7 +133,8 @@ class PrefixTuning(nn.Module):
         """The cache content for a batch: per layer ``(k, v)``, each ``(B, n_head, n_prefix, head_dim)``."""
         rows = [self.active] * batch_size if isinstance(self.active, str) else self.active
         if len(rows) != batch_size:
-            raise ValueError(f"set_prefix was given {len(rows)} names, one per row, but the batch has {batch_size} rows")
+            raise ValueError(f"set_prefix was given {len(rows)} names, one per row, "
+                             f"but the batch has {batch_size} rows")
         names = list(dict.fromkeys(rows))
         p = torch.stack([self.prefixes[name]() for name in names])  # (U, L, 2, n, C)
         p = p[torch.tensor([names.index(r) for r in rows], device=p.device)]  # (B, L, 2, n, C): row b's own prefix
@@ -171,21 +169,6 @@ class PrefixTuning(nn.Module):
         return f"active={self.active!r}"
 
 
-def prefix_from_vocab(model: GPT, config: PrefixTuningConfig) -> torch.Tensor:
-    """Keys and values the frozen model computes for ``n_prefix`` sampled characters: (L, 2, n, C).
-
-    Li & Liang initialise prefixes with the activations of real words; this is that, for characters.
-    """
-    g = torch.Generator().manual_seed(config.seed)
-    ids = torch.randint(PAD_ID + 1, model.config.vocab_size, (1, config.n_prefix), generator=g)
-    cache = KVCache(model.config.n_layer)
-    with torch.no_grad():
-        model(ids.to(model.tok_emb.weight.device), past_kv=cache)
-    # per layer (1, nh, n, hs) -> (n, nh * hs)
-    flat = [[t[0].transpose(0, 1).reshape(config.n_prefix, -1) for t in kv] for kv in cache.layers]
-    return torch.stack([torch.stack(kv) for kv in flat])  # (L, 2, n, C)
-
-
 def add_prefix_tuning(model: GPT, n_prefix: int = 10, reparam: bool = True, name: str = "default",
                       **options) -> GPT:
     """Freeze ``model`` and add trainable key/value prefixes to every layer; returns the model.
@@ -206,21 +189,11 @@ def add_prefix_tuning(model: GPT, n_prefix: int = 10, reparam: bool = True, name
     if n_prefix >= model.config.block_size:
         raise ValueError(f"n_prefix={n_prefix} leaves no room for text in the context "
                          f"(block_size={model.config.block_size})")
-    init = None
-    if not reparam and config.init == "vocab":
-        active = existing.active if existing is not None else None
-        try:
-            if existing is not None:
-                existing.active = None  # the base model's own keys/values, without any prefix
-            init = prefix_from_vocab(model, config)
-        finally:
-            if existing is not None:
-                existing.active = active
     freeze(model)
     if existing is None:
         model.prefix_tuning = existing = PrefixTuning(model.config.n_head, model.config.block_size)
         model.register_forward_pre_hook(existing.pre_hook, with_kwargs=True)
-    existing.prefixes[name] = Prefix(config, model.config.n_layer, model.config.d_model, init).to(model.pos_emb.weight)
+    existing.prefixes[name] = Prefix(config, model.config.n_layer, model.config.d_model).to(model.pos_emb.weight)
     set_prefix(model, name)
     return model
 

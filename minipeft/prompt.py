@@ -19,7 +19,8 @@ every call:
 Positions: the text keeps positions ``0 .. T-1``, as in pretraining, and the virtual tokens have no
 position: the hook hands the model ``P - pos_emb[0]`` at position 0, so after the model adds
 ``pos_emb[0]`` the first block reads exactly ``P``. Letting the prompt push the text to positions
-``n_tokens ..`` instead makes prompt tuning collapse on the toy model (notebook 03 shows it). The context still counts the virtual tokens: ``n_tokens + T <= block_size``.
+``n_tokens ..`` instead makes prompt tuning collapse on the toy model (notebook 03 shows it). The
+context still counts the virtual tokens: ``n_tokens + T <= block_size``.
 
 Generation: ``model.generate`` hands the model an empty :class:`KVCache` on its first call; the soft
 prompt goes in front then and stays in the cache, so later steps (cache not empty) add nothing.
@@ -106,7 +107,8 @@ class SoftPrompt(nn.Module):
             positions = torch.arange(T, device=embeds.device)  # the text keeps positions 0..T-1
         virtual = torch.zeros(*positions.shape[:-1], n, dtype=positions.dtype, device=positions.device)
         # the virtual tokens carry no position: cancel the pos_emb[0] that the model will add
-        prompt = (self.embedding - model.pos_emb.weight[0]).to(embeds.dtype).unsqueeze(0).expand(B, n, -1)  # (B, n, C)
+        prompt = (self.embedding - model.pos_emb.weight[0]).to(embeds.dtype)
+        prompt = prompt.unsqueeze(0).expand(B, n, -1)  # (n, C) -> (B, n, C)
         kwargs.update(inputs_embeds=torch.cat([prompt, embeds], dim=1),    # (B, n + T, C)
                       position_ids=torch.cat([virtual, positions], dim=-1))  # (n + T,) or (B, n + T)
         self._n_virtual = n

@@ -109,7 +109,7 @@ def nf4_bins_widget(weights: dict, blocksize: int = 64):
 # --- prompt tuning, prefix tuning, adapters ----------------------------------------------------------
 
 
-def sweep_widget(x, values, histories=None, xlabel: str = "", title: str = ""):
+def sweep_widget(x, values, histories=None, xlabel: str = "", ylabel: str = "exact match", title: str = ""):
     """A slider over the stored sweep ``x`` (for example the number of virtual tokens) redrawing
     :func:`minipeft.plots.plot_sweep_selection`; nothing is retrained."""
     import ipywidgets as w
@@ -124,7 +124,7 @@ def sweep_widget(x, values, histories=None, xlabel: str = "", title: str = ""):
     def draw(selected):
         out.clear_output(wait=True)
         with out:
-            plt.show(plot_sweep_selection(x, values, selected, histories, xlabel, title=title))
+            plt.show(plot_sweep_selection(x, values, selected, histories, xlabel, ylabel, title))
 
     w.interactive_output(draw, dict(selected=slider))
     display(w.VBox([slider, out]))

@@ -66,7 +66,7 @@ def test_empty_prefix_is_the_base(tiny_model):
 @pytest.mark.parametrize("n_prefix,reparam", [(1, False), (4, False), (4, True), (9, True)])
 def test_attention_with_prefix_equals_hand_computation(tiny_model, n_prefix, reparam):
     reference = copy_of(tiny_model)
-    mp.add_prefix_tuning(tiny_model, n_prefix=n_prefix, reparam=reparam, init="random", seed=1)
+    mp.add_prefix_tuning(tiny_model, n_prefix=n_prefix, reparam=reparam, seed=1)
     for block in tiny_model.blocks:
         block.attn.keep_attn = True
     x = torch.randint(1, 41, (3, 10))
@@ -115,7 +115,7 @@ def test_gradients_reach_only_the_prefix_and_the_base_stays_bit_for_bit(tiny_mod
 
 def test_mixed_task_batch_equals_per_task_runs(tiny_model):
     reference = copy_of(tiny_model)
-    mp.add_prefix_tuning(tiny_model, n_prefix=4, reparam=False, name="rotate", init="random", seed=1)
+    mp.add_prefix_tuning(tiny_model, n_prefix=4, reparam=False, name="rotate", seed=1)
     mp.add_prefix_tuning(tiny_model, n_prefix=4, reparam=True, name="caesar", seed=2)
     x = torch.randint(1, 41, (4, 11))
     rows = ["rotate", "caesar", "caesar", "rotate"]
@@ -138,9 +138,9 @@ def test_mixed_task_batch_equals_per_task_runs(tiny_model):
 def test_named_prefixes_add_list_switch_delete(tiny_model):
     x = torch.randint(1, 41, (2, 8))
     base_out = tiny_model(x)
-    mp.add_prefix_tuning(tiny_model, n_prefix=3, reparam=False, name="a", init="random")
+    mp.add_prefix_tuning(tiny_model, n_prefix=3, reparam=False, name="a")
     out_a = tiny_model(x)
-    mp.add_prefix_tuning(tiny_model, n_prefix=5, reparam=False, name="b", init="random", seed=4)
+    mp.add_prefix_tuning(tiny_model, n_prefix=5, reparam=False, name="b", seed=4)
     assert mp.list_prefixes(tiny_model) == ["a", "b"] and tiny_model.prefix_tuning.active == "b"
     trainable = lambda: {n for n, p in tiny_model.prefix_tuning.prefixes.items() if p.prefix.requires_grad}
     assert trainable() == {"b"}
@@ -178,7 +178,7 @@ def test_the_context_counts_the_prefix(tiny_model):
     (dict(n_prefix=48), "leaves no room for text"),
     (dict(n_prefix=4, reparam_hidden=0), "reparam_hidden must be a positive integer"),
     (dict(n_prefix=4, reparam="yes"), "reparam must be True or False"),
-    (dict(n_prefix=4, init="zeros"), "unknown init 'zeros'"),
+    (dict(n_prefix=4, init_std=-1.0), "init_std must be a number >= 0"),
     (dict(n_prefix=4, name="my task"), "must be a Python identifier"),
 ])
 def test_bad_input_names_the_problem_and_leaves_the_model(tiny_model, kwargs, message):
