@@ -87,7 +87,7 @@ class CompareConfig:
     @classmethod
     def quick(cls, **overrides) -> "CompareConfig":
         """A small budget with the same code path (CI, ``--quick``)."""
-        return cls(**{**dict(steps=120, seeds=2, sweep_steps=40, eval_examples=200, forgetting_examples=100),
+        return cls(**{**dict(steps=100, seeds=2, sweep_steps=30, eval_examples=200, forgetting_examples=100),
                       **overrides})
 
     def __post_init__(self):
@@ -106,7 +106,7 @@ class MethodResult:
     key: str
     label: str
     lr: float
-    sweep: dict[float, float]           # lr -> accuracy on the selection split
+    sweep: dict[float, tuple]           # lr -> (accuracy on the selection split, final training loss)
     accuracies: list[float]             # one per seed
     final_losses: list[float]
     forgetting: list[float]             # drop of mean pretraining exact match, one per seed
@@ -178,10 +178,12 @@ def run_comparison(config: CompareConfig | None = None, progress: bool = True) -
         for lr in method.lrs:
             model = _fresh(method, 0, device)
             hist = train(model, task, config.sweep_steps, lr, config.batch_size, seed=0, device=device, progress=False)
-            sweep[lr] = evaluate(model, selection, max_examples=config.eval_examples) \
-                if math.isfinite(hist.loss[-1]) else float("nan")
+            loss = statistics.fmean(hist.loss[-10:])
+            sweep[lr] = (evaluate(model, selection, max_examples=config.eval_examples), loss) \
+                if math.isfinite(loss) else (-1.0, math.inf)
             bar.update(config.sweep_steps)
-        lr = max(method.lrs, key=lambda k: -1.0 if math.isnan(sweep[k]) else sweep[k])  # ties: the smaller lr
+        # the best selection accuracy; equal accuracies (all 0 early on) go to the lower training loss
+        lr = max(method.lrs, key=lambda k: (sweep[k][0], -sweep[k][1]))
         bar.set_postfix_str(f"{method.key}: lr {lr:g}")
         accs, losses, forgot, seconds = [], [], [], []
         for seed in range(config.seeds):
@@ -268,7 +270,7 @@ def write_outputs(results: list[MethodResult], out_dir, config: CompareConfig, c
                              m.optimizer, m.activations, r.predicted.total, f"{r.mean:.4f}", f"{r.std:.4f}",
                              " ".join(f"{a:.4f}" for a in r.accuracies), r.failed,
                              f"{statistics.fmean(r.forgetting):.4f}", r.checkpoint_bytes, f"{r.step_time:.5f}",
-                             r.lr, " ".join(f"{k:g}:{v:.3f}" for k, v in r.sweep.items())])
+                             r.lr, " ".join(f"{k:g}:{a:.3f}" for k, (a, _) in r.sweep.items())])
     fig = plot_comparison(results)
     fig.savefig(paths["png"], dpi=120, bbox_inches="tight")
     import matplotlib.pyplot as plt

@@ -30,7 +30,7 @@ def test_cli_quick_tiny_budget_gives_one_row_per_method(tmp_path, capsys):
 
 def _result(accuracies, losses=None, trainable=100):
     m = MemoryBreakdown({"float32": 400}, 400, 800, 1000, trainable)
-    return compare.MethodResult("k", "label", 1e-3, {1e-3: 0.5}, accuracies, losses or [0.1] * len(accuracies),
+    return compare.MethodResult("k", "label", 1e-3, {1e-3: (0.5, 0.1)}, accuracies, losses or [0.1] * len(accuracies),
                                 [0.0] * len(accuracies), trainable, 1000, m, m, 123, 0.01)
 
 
