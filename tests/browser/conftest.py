@@ -30,7 +30,6 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 ARTIFACTS = Path(os.environ.get("MINIPEFT_BROWSER_ARTIFACTS", HERE / "artifacts"))
-RUN_TIMEOUT_S = float(os.environ.get("MINIPEFT_BROWSER_TIMEOUT", "300"))
 SERVER_START_TIMEOUT_S = 120
 # Chromium as root on a machine without network or GPU: no sandbox, no GPU, no background connections.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",

@@ -73,7 +73,9 @@ JS_CELLS = """() => {
       dropdowns: q('.widget-dropdown select'),
       toggles: q('.widget-toggle-buttons button'),
       checkboxes: q('.widget-checkbox input'),
-      broken: (node.innerText.match(/Error displaying widget[^\\n]*|Error rendering[^\\n]*/g) || []),
+      broken: (node.querySelector('.jp-Cell-outputArea').innerText
+               .match(/Error displaying widget[^\\n]*|Error rendering[^\\n]*/g) || []),
+      count: cell.model.executionCount,
       source: cell.model.sharedModel.getSource().slice(0, 80),
     });
   });
@@ -202,12 +204,13 @@ def test_notebook_in_jupyterlab(tab, lab, artifacts, name, widgets_required):
     page.screenshot(path=str(artifacts / f"{stem}.png"))
     cells = page.evaluate(JS_CELLS)
 
-    errors = [f"cell {c['index']}: {e}" for c in cells for e in c["errors"]]
+    where = {c["index"]: f"cell {c['index']} (In [{c['count']}])" for c in cells}
+    errors = [f"{where[c['index']]}: {e}" for c in cells for e in c["errors"]]
     assert not errors, f"{name} shows errors after Run All: {errors}\nconsole: {tab.console[-5:]}"
     assert state["ran"] == state["code"], f"only {state['ran']} of {state['code']} code cells ran"
 
-    undrawn = [c["index"] for c in cells if c["fallback"]]
-    broken = [f"cell {c['index']}: {b}" for c in cells for b in c["broken"]]
+    undrawn = [where[c["index"]] for c in cells if c["fallback"]]
+    broken = [f"{where[c['index']]}: {b}" for c in cells for b in c["broken"]]
     assert not undrawn, (f"widgets of cells {undrawn} are shown as text, not drawn: is the ipywidgets "
                          f"front end (jupyterlab_widgets) installed and matching? console: {tab.console[-5:]}")
     assert not broken, f"widgets failed to render: {broken}\nconsole: {tab.console[-5:]}"
@@ -218,14 +221,14 @@ def test_notebook_in_jupyterlab(tab, lab, artifacts, name, widgets_required):
         assert any(c["sliders"] for c in controlled), f"{name} has widgets but no slider"
     report = [f"{name}: ran {state['code']} code cells in {run_s:.0f} s (JupyterLab, quick mode)"]
     for c in controlled:
-        i = c["index"]
+        i, at = c["index"], where[c["index"]]
         cell = page.locator(f'[data-minipeft-cell="{i}"]')
         cell.scroll_into_view_if_needed()
         cut = page.evaluate(JS_CUT_LABELS, i)
-        assert not cut, (f"cell {i}: widget labels {cut} are cut off; give the control "
+        assert not cut, (f"{at}: widget labels {cut} are cut off; give the control "
                          f"style={{'description_width': 'initial'}} or a shorter description")
         before = page.evaluate(JS_FIGURES, i)
-        assert before["figures"], f"cell {i} shows its controls but no figure until a control is moved"
+        assert before["figures"], f"{at} shows its controls but no figure until a control is moved"
         cell.screenshot(path=str(artifacts / f"{stem}-cell{i}-before.png"))
 
         page.evaluate(JS_WATCH, i)
@@ -240,18 +243,18 @@ def test_notebook_in_jupyterlab(tab, lab, artifacts, name, widgets_required):
             seen.append((now, (page.evaluate(JS_STATE, name) or {}).get("kernel") == "idle"))
             return len(seen) > 1 and seen[-1] == seen[-2] == (now, True) and now != _digest(before["figures"])
 
-        _wait(page, settled, UPDATE_TIMEOUT_S, f"cell {i} to redraw its figure after it {did}", poll_s=1.0)
+        _wait(page, settled, UPDATE_TIMEOUT_S, f"{at} to redraw its figure after it {did}", poll_s=1.0)
         after = page.evaluate(JS_FIGURES, i)
         fewest = page.evaluate(JS_WATCHED_MIN)
         cell.screenshot(path=str(artifacts / f"{stem}-cell{i}-after.png"))
         n_before, n_after = len(before["figures"]), len(after["figures"])
         assert n_after == n_before, (
-            f"cell {i}: {n_before} figure(s) before, {n_after} after it {did}: figures are stacked "
+            f"{at}: {n_before} figure(s) before, {n_after} after it {did}: figures are stacked "
             "instead of redrawn (draw into an Output with clear_output(wait=True))")
         assert fewest >= n_before, (
-            f"cell {i}: the figure blanked out ({fewest} of {n_before} shown) while redrawing after it {did}: "
+            f"{at}: the figure blanked out ({fewest} of {n_before} shown) while redrawing after it {did}: "
             "it flickers (use clear_output(wait=True))")
-        report.append(f"  cell {i} `{c['source'].splitlines()[0]}`: {did}; figure redrawn in "
+        report.append(f"  {at} `{c['source'].splitlines()[0]}`: {did}; figure redrawn in "
                       f"{time.monotonic() - t1:.1f} s; {n_after} figure(s), no stacking, no blank")
     with open(artifacts / "report.txt", "a") as f:
         f.write("\n".join(report) + "\n")
