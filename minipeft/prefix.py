@@ -184,7 +184,7 @@ def add_prefix_tuning(model: GPT, n_prefix: int = 10, reparam: bool = True, name
     existing = getattr(model, "prefix_tuning", None)
     if existing is not None and name in existing.prefixes:
         raise ValueError(f"the model already has a prefix named {name!r}; pick another name or delete_prefix() it")
-    if existing is not None and hasattr(existing.prefixes, name):
+    if hasattr(nn.ModuleDict(), name):
         raise ValueError(f"{name!r} cannot be a prefix name (it is taken by nn.ModuleDict)")
     if n_prefix >= model.config.block_size:
         raise ValueError(f"n_prefix={n_prefix} leaves no room for text in the context "

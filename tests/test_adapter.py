@@ -134,6 +134,7 @@ def test_two_adapters_switch_stack_average_delete(tiny_model):
     (dict(placement="parallel"), "unknown placement 'parallel'"),
     (dict(activation="sigmoid"), "unknown activation 'sigmoid'"),
     (dict(name="two words"), "must be a Python identifier"),
+    (dict(name="keys"), "'keys' cannot be an adapter name"),
 ])
 def test_bad_input_names_the_problem_and_leaves_the_model(tiny_model, kwargs, message):
     before = state(tiny_model)

@@ -180,6 +180,7 @@ def test_the_context_counts_the_prefix(tiny_model):
     (dict(n_prefix=4, reparam="yes"), "reparam must be True or False"),
     (dict(n_prefix=4, init_std=-1.0), "init_std must be a number >= 0"),
     (dict(n_prefix=4, name="my task"), "must be a Python identifier"),
+    (dict(n_prefix=4, name="train"), "'train' cannot be a prefix name"),
 ])
 def test_bad_input_names_the_problem_and_leaves_the_model(tiny_model, kwargs, message):
     before = state(tiny_model)
