@@ -10,9 +10,12 @@ value is replaced by the index (0..15) of its nearest level::
     x_hat_i  = level[code_i] * absmax_b
 
 Two 4-bit codes are packed into one ``uint8`` (the even-indexed element in the high nibble), in the
-same order and with the same rounding as bitsandbytes' ``quantize_4bit``. Storage: 4 bits per value +
-32 bits per block = 4.5 bits per parameter at blocksize 64. *Double quantisation* stores the absmax
-constants themselves in 8 bits (mean subtracted, blocks of 256, one fp32 scale each): about 4.127.
+same order and with the same rounding as bitsandbytes' ``quantize_4bit``: same bytes, same absmax.
+Storage: 4 bits per value + 32 bits per block = 4.5 bits per parameter at blocksize 64. *Double
+quantisation* stores the absmax constants themselves in 8 bits (mean subtracted, blocks of 256 with
+bitsandbytes' 8-bit "dynamic" code, one fp32 scale each): about 4.127. Those 8-bit codes are the
+exact nearest level; bitsandbytes' compiled CPU kernel rounds a few values lying within ~1e-5 of a
+bin edge the other way.
 
 Paper: Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs" (arXiv 2305.14314);
 reference implementation: bitsandbytes, ``bitsandbytes/functional.py``.
@@ -97,7 +100,7 @@ def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         for chunk, out in zip(flat.split(1 << 16), idx.split(1 << 16)):
             for edge in edges.tolist():
                 out += chunk > edge                                    # sorted position of each value
-    return idx if torch.equal(order, torch.arange(len(code))) else order.to(torch.uint8)[idx.long()]
+    return idx if torch.equal(order, torch.arange(len(code), device=order.device)) else order.to(torch.uint8)[idx.long()]
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
