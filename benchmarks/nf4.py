@@ -54,6 +54,8 @@ def main() -> None:
     n = w.numel()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), weight {args.size} x {args.size}")
     try:
+        import logging
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it warns about optional CPU kernels
         import bitsandbytes.functional as bnbf
         print(f"bitsandbytes {__import__('bitsandbytes').__version__}")
     except ImportError:
