@@ -1,20 +1,22 @@
 """Serving many tasks from one base: requests per second of one mixed batch vs one batch per task.
 
     python benchmarks/serving.py            # N = 1, 2, 4, 8 tasks, 64 requests a batch
-    python benchmarks/serving.py --quick    # fewer repeats
+    python benchmarks/serving.py --quick    # 3 repeats
 
-A batch of ``--batch`` requests (prompts like ``rotate:abcdef=``, answered by greedy decoding with the
-KV cache) is spread evenly over N tasks, each with its own LoRA adapter (r = 8 on q and v, random
-values: speed does not depend on what was learnt) in one shared base. Four ways to answer it, timed
-in turn on the same inputs so that they see the same machine load:
+A batch of ``--batch`` requests (prompts like ``rotate:abcdef=``, all of one length, answered by greedy
+decoding with the KV cache) is spread evenly over N tasks, each with its own adapter in one shared
+base: LoRA (r = 8 on q and v, random values: speed does not depend on what was learnt) or a prefix
+(10 positions). The ways to answer it, timed in turn on the same inputs so that they share the
+machine's load:
 
-* ``mixed``: one pass over the whole batch, each row with its own adapter (``lora_adapter_per_row``);
-* ``per task``: switch the adapter (``set_lora_adapter``) and run one smaller batch per task;
+* ``lora mixed`` / ``prefix mixed``: one pass over the whole batch, each row with its own adapter
+  (``lora_adapter_per_row`` / ``set_prefix(model, names)``);
+* ``lora per task`` / ``prefix per task``: switch the adapter and run one smaller batch per task;
 * ``merged``: N merged single-task models (dW folded into a copy of the base), one batch each;
 * ``base``: the bare base on the whole batch, the ceiling (no adapter at all).
 
-Printed: requests/s (median of the repeats) and the ratio mixed / per task. Prefix tuning is timed
-too when the model offers per-row prefixes.
+Printed: requests/s (median of the repeats) and the ratios. Mixed and per-task answers are checked
+to be identical before anything is timed.
 """
 from __future__ import annotations
 
@@ -33,65 +35,69 @@ PROMPT_LEN = 14  # every prompt has this many characters: the model has no paddi
 
 def make_requests(n_tasks: int, batch: int, seed: int = 0):
     """``batch`` prompts of one length (token ids) and the adapter of each row, ``t0 .. t{n-1}``."""
-    pools = {k: [x.split("=")[0] + "=" for x in mp.make_task(k, seed).val if len(x.split("=")[0]) + 1 == PROMPT_LEN]
-             for k in KINDS}
+    prompts = {k: [x[:x.index("=") + 1] for x in mp.make_task(k, seed).val] for k in KINDS}
+    pools = {k: [p for p in ps if len(p) == PROMPT_LEN] for k, ps in prompts.items()}
     names = [f"t{b % n_tasks}" for b in range(batch)]
     kinds = [KINDS[b % n_tasks % len(KINDS)] for b in range(batch)]
     prompts = [pools[k][b % len(pools[k])] for b, k in enumerate(kinds)]
     return torch.tensor([mp.tokenizer.encode(p) for p in prompts]), names  # (batch, PROMPT_LEN)
 
 
-def serving_model(n_tasks: int, seed: int = 0):
-    """The base with ``n_tasks`` LoRA adapters of random values, and ``n_tasks`` merged single-task copies."""
+def serving_models(n_tasks: int, seed: int = 0):
+    """The base with ``n_tasks`` LoRA adapters (random values), ``n_tasks`` merged single-task copies,
+    and the base with ``n_tasks`` prefixes (10 positions each)."""
     torch.manual_seed(seed)
-    model = mp.load_base()
-    for t in [f"t{i}" for i in range(n_tasks)]:
-        mp.add_lora(model, r=8, alpha=16, name=t)
+    names = [f"t{i}" for i in range(n_tasks)]
+    lora = mp.load_base()
+    for t in names:
+        mp.add_lora(lora, r=8, alpha=16, name=t)
         with torch.no_grad():
-            for layer in mp.lora_layers(model).values():
+            for layer in mp.lora_layers(lora).values():
                 layer.adapters[t].lora_B.normal_(0, 0.02)
     merged = {}
-    for t in [f"t{i}" for i in range(n_tasks)]:
-        mp.set_lora_adapter(model, t)
-        single = mp.unload_lora(mp.merge_lora(copy.deepcopy(model)))
-        merged[t] = single
-    return model.eval(), merged
-
-
-def answer(model, ids, new_tokens: int):
-    return model.generate(ids, max_new_tokens=new_tokens)
+    for t in names:
+        mp.set_lora_adapter(lora, t)
+        merged[t] = mp.unload_lora(mp.merge_lora(copy.deepcopy(lora)))
+    prefix = mp.load_base()
+    for i, t in enumerate(names):
+        mp.add_prefix_tuning(prefix, n_prefix=10, name=t, seed=i)
+    return lora.eval(), merged, prefix.eval()
 
 
 def time_ways(n_tasks: int, batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    model, merged = serving_model(n_tasks)
+    """Requests per second of each way to answer one batch of requests spread over ``n_tasks`` tasks."""
+    lora, merged, prefix = serving_models(n_tasks)
     ids, names = make_requests(n_tasks, batch)
     groups = {t: torch.tensor([b for b, n in enumerate(names) if n == t]) for t in dict.fromkeys(names)}
 
-    def mixed():
-        with mp.lora_adapter_per_row(model, names):
-            return answer(model, ids, new_tokens)
-
-    def per_task():
+    def per_group(run):  # one smaller batch per task; run(task, ids) answers it
         out = torch.empty(batch, ids.shape[1] + new_tokens, dtype=torch.long)
         for t, rows in groups.items():
-            mp.set_lora_adapter(model, t)
-            out[rows] = answer(model, ids[rows], new_tokens)
+            out[rows] = run(t, ids[rows])
         return out
 
-    def merged_models():
-        out = torch.empty(batch, ids.shape[1] + new_tokens, dtype=torch.long)
-        for t, rows in groups.items():
-            out[rows] = answer(merged[t], ids[rows], new_tokens)
-        return out
+    def lora_mixed():
+        with mp.lora_adapter_per_row(lora, names):
+            return lora.generate(ids, new_tokens)
+
+    def lora_per_task():
+        return per_group(lambda t, x: mp.set_lora_adapter(lora, t).generate(x, new_tokens))
 
     def bare():
-        with mp.disable_lora(model):
-            return answer(model, ids, new_tokens)
+        with mp.disable_lora(lora):
+            return lora.generate(ids, new_tokens)
 
-    ways = {"mixed": mixed, "per task": per_task, "merged": merged_models, "base": bare}
-    # the three ways give the same answers (greedy tokens), else the timing would compare different work
-    assert torch.equal(mixed(), per_task()), "mixed batch and per-task batches disagree"
-    agree = (mixed() == merged_models()).float().mean().item()
+    ways = {
+        "lora mixed": lora_mixed,
+        "lora per task": lora_per_task,
+        "merged": lambda: per_group(lambda t, x: merged[t].generate(x, new_tokens)),
+        "base": bare,
+        "prefix mixed": lambda: mp.set_prefix(prefix, names).generate(ids, new_tokens),
+        "prefix per task": lambda: per_group(lambda t, x: mp.set_prefix(prefix, t).generate(x, new_tokens)),
+    }
+    # mixed and per-task batches must give the same answers, else the timing would compare different work
+    assert torch.equal(lora_mixed(), lora_per_task()), "LoRA: mixed batch and per-task batches disagree"
+    assert torch.equal(ways["prefix mixed"](), ways["prefix per task"]()), "prefix: mixed and per task disagree"
     seconds = {k: [] for k in ways}
     with torch.inference_mode():
         for _ in range(repeats):  # interleaved: every way sees the same machine load
@@ -99,9 +105,7 @@ def time_ways(n_tasks: int, batch: int, new_tokens: int, repeats: int) -> dict[s
                 t0 = time.perf_counter()
                 f()
                 seconds[k].append(time.perf_counter() - t0)
-    rps = {k: batch / statistics.median(v) for k, v in seconds.items()}
-    rps["agree_merged"] = agree
-    return rps
+    return {k: batch / statistics.median(v) for k, v in seconds.items()}
 
 
 def main(argv=None) -> None:
@@ -114,12 +118,15 @@ def main(argv=None) -> None:
     repeats = 3 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, "
           f"{args.new_tokens} new tokens a request, median of {repeats}")
-    print(f"{'N tasks':>7} | {'mixed':>9} | {'per task':>9} | {'merged':>9} | {'base':>9} | "
-          f"{'mixed/per task':>14} | {'mixed/base':>10}   (requests/s)")
+    cols = ["lora mixed", "lora per task", "merged", "base", "prefix mixed", "prefix per task"]
+    print(f"{'N tasks':>7} | " + " | ".join(f"{c:>15}" for c in cols) +
+          " | LoRA mixed/per task | prefix mixed/per task | LoRA mixed/merged")
     for n in (1, 2, 4, 8):
         r = time_ways(n, args.batch, args.new_tokens, repeats)
-        print(f"{n:>7} | {r['mixed']:9.1f} | {r['per task']:9.1f} | {r['merged']:9.1f} | {r['base']:9.1f} | "
-              f"{r['mixed'] / r['per task']:14.2f} | {r['mixed'] / r['base']:10.2f}")
+        print(f"{n:>7} | " + " | ".join(f"{r[c]:15.1f}" for c in cols) +
+              f" | {r['lora mixed'] / r['lora per task']:19.2f} | {r['prefix mixed'] / r['prefix per task']:21.2f}"
+              f" | {r['lora mixed'] / r['merged']:17.2f}")
+    print("(requests/s, median of the repeats; ratios > 1: the mixed batch serves more requests per second)")
 
 
 if __name__ == "__main__":

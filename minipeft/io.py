@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,8 +105,8 @@ def read_adapter_config(directory) -> dict:
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(config).__name__}")
     missing, extra = [k for k in CONFIG_KEYS if k not in config], sorted(set(config) - set(CONFIG_KEYS))
     if missing or extra:
-        raise AdapterFileError(f"{path}: " + "; ".join(
-            ([f"missing key(s) {missing}"] if missing else []) + ([f"unexpected key(s) {extra}"] if extra else [])))
+        problems = [f"{kind} key(s) {ks}" for kind, ks in (("missing", missing), ("unexpected", extra)) if ks]
+        raise AdapterFileError(f"{path}: " + "; ".join(problems))
     if config["format"] != FORMAT or config["format_version"] != FORMAT_VERSION:
         raise AdapterFileError(f"{path}: format {config['format']!r} version {config['format_version']!r} is not "
                                f"{FORMAT!r} version {FORMAT_VERSION}")
@@ -115,13 +116,15 @@ def read_adapter_config(directory) -> dict:
     keys = METHODS[method]["keys"]
     if not isinstance(options, dict) or set(options) != set(keys):
         got = sorted(options) if isinstance(options, dict) else options
-        raise AdapterFileError(f"{path}: the options of {method} must have exactly the keys {list(keys)}, got {got}")
+        raise AdapterFileError(f"{path}: the options of {method} must have exactly the keys {list(keys)}, "
+                               f"got {got}")
     if not isinstance(config["base_config"], dict) or not set(ARCHITECTURE) <= set(config["base_config"]):
         raise AdapterFileError(f"{path}: base_config must be an object with the keys {list(ARCHITECTURE)}")
     fp, unnamed = config["base_fingerprint"], method in ("prompt", "full")
-    if not (fp is None if method == "full" else isinstance(fp, str) and fp.startswith("sha256:") and len(fp) == 71):
-        raise AdapterFileError(f"{path}: base_fingerprint {fp!r} is not " +
-                               ("null (a full checkpoint has none)" if method == "full" else "'sha256:' + 64 hex digits"))
+    if method == "full" and fp is not None:
+        raise AdapterFileError(f"{path}: base_fingerprint must be null for a full checkpoint, got {fp!r}")
+    if method != "full" and not (isinstance(fp, str) and re.fullmatch("sha256:[0-9a-f]{64}", fp)):
+        raise AdapterFileError(f"{path}: base_fingerprint {fp!r} is not 'sha256:' and 64 hex digits")
     if not (config["name"] is None if unnamed else isinstance(config["name"], str)):
         raise AdapterFileError(f"{path}: name must be " + ("null" if unnamed else "a string") +
                                f" for method {method}, got {config['name']!r}")
@@ -131,13 +134,14 @@ def read_adapter_config(directory) -> dict:
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if not path.is_file():
-        pickles = sorted(p.name for p in [*directory.glob("*.bin"), *directory.glob("*.pt"), *directory.glob("*.pth")])
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
         hint = f" ({', '.join(pickles)} found: pickles are never loaded, they can run code)" if pickles else ""
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}{hint}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{path} is not a readable safetensors file (corrupted or truncated?): {e}") from None
+        raise AdapterFileError(f"{path} is not a readable safetensors file (corrupted or truncated?): {e}") \
+            from None
 
 
 def _check_tensors(found: dict, expected: dict, path: Path) -> None:
@@ -149,11 +153,18 @@ def _check_tensors(found: dict, expected: dict, path: Path) -> None:
     for key, live in expected.items():
         t = found[key]
         if t.shape != live.shape:
-            raise AdapterFileError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(live.shape)}")
+            raise AdapterFileError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                   f"expected {tuple(live.shape)}")
         if t.dtype != live.dtype:
             raise AdapterFileError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected {live.dtype}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise AdapterFileError(f"{path}: tensor {key!r} holds NaN or infinite values")
+
+
+def _own_random_numbers(model):
+    """Run the method's initialisation on forked random generators (CPU, and the model's GPUs)."""
+    return torch.random.fork_rng(devices=sorted({t.device.index or 0 for t in model.state_dict().values()
+                                                 if t.is_cuda}))
 
 
 def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool = False) -> GPT:
@@ -187,18 +198,19 @@ def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool 
     tensors = _read_tensors(directory)
     apply = METHODS[method]["apply"]
     try:
-        with torch.random.fork_rng(devices=[]):  # the trial does not move the caller's random numbers
+        with _own_random_numbers(base):  # the trial does not move the caller's random numbers
             trial = apply(copy.deepcopy(base), options, name)  # the method checks its own options
     except (AdapterFileError, BaseMismatchError):
         raise
     except (ValueError, TypeError) as e:
         raise type(e)(f"cannot apply the {method} adapter of {directory} to this base: {e}") from e
     if method != "full" and base_fingerprint(trial) != config["base_fingerprint"]:
-        raise BaseMismatchError(f"{directory} was saved from other base weights (fingerprint "
-                                f"{config['base_fingerprint'][:19]}..., this base {base_fingerprint(trial)[:19]}...)")
+        raise BaseMismatchError(f"{directory} was saved from other base weights (its base: "
+                                f"{config['base_fingerprint'][:19]}..., "
+                                f"this base: {base_fingerprint(trial)[:19]}...)")
     _check_tensors(tensors, adapter_tensors(method, trial, name), path)
     del trial
-    with torch.random.fork_rng(devices=[]):  # everything checked: now change the base itself
+    with _own_random_numbers(base):  # everything checked: now change the base itself
         apply(base, options, name)
     live = adapter_tensors(method, base, name)
     with torch.no_grad():

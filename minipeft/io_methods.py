@@ -14,16 +14,16 @@ saved with the LoRA options, so that a full-precision base is quantised the same
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 import torch.nn as nn
 
-from .adapter import Adapter, AdaptedLinear, add_adapters, list_adapters
+from .adapter import Adapter, AdaptedLinear, AdapterConfig, add_adapters, list_adapters
 from .lora import LoRAAdapter, LoRALinear, add_lora, lora_layers
 from .lora_multi import active_lora_adapter, lora_adapters
-from .prefix import PrefixTuning, add_prefix_tuning, list_prefixes
-from .prompt import SoftPrompt, add_prompt_tuning
+from .prefix import PrefixTuning, PrefixTuningConfig, add_prefix_tuning, list_prefixes
+from .prompt import PromptTuningConfig, SoftPrompt, add_prompt_tuning
 from .qlora import linear4bit_layers, quantize_nf4
 
 OWNED = (LoRAAdapter, SoftPrompt, PrefixTuning, Adapter)  # modules that belong to a method, never to the base
@@ -94,18 +94,25 @@ def _nf4_options(model) -> dict | None:
                 compute_dtype=None if dtype == "None" else dtype.removeprefix("torch."))
 
 
+NF4_KEYS = ("layers", "blocksize", "double_quant", "quant_type", "compute_dtype")
+
+
 def _quantize_like(model, saved: dict | None) -> None:
     """Quantise a full-precision base as the saved QLoRA base was (the fingerprint checks it after)."""
+    if saved is not None and (not isinstance(saved, dict) or set(saved) != set(NF4_KEYS)
+                              or not isinstance(saved["layers"], list)):
+        raise AdapterFileError(f"options.base_nf4 must be null or an object with the keys {list(NF4_KEYS)}")
     have = _nf4_options(model)
     if have == saved:
         return
-    if have is not None or not isinstance(saved, dict):
-        what = lambda o: "full-precision" if o is None else f"4-bit ({o['quant_type']}, blocksize {o['blocksize']})"
+    if have is not None or saved is None:
+        def what(o):
+            return "full-precision" if o is None else f"4-bit ({o['quant_type']}, blocksize {o['blocksize']})"
         raise BaseMismatchError(f"the adapter was saved on a {what(saved)} base; this base is {what(have)}")
     opts = dict(saved)
     layers, dtype = set(opts.pop("layers")), opts.pop("compute_dtype")
     if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise AdapterFileError(f"base_nf4.compute_dtype {dtype!r} is not a torch dtype")
+        raise AdapterFileError(f"options.base_nf4.compute_dtype {dtype!r} is not a torch dtype")
     skip = tuple(n for n, m in model.named_modules() if type(m) is nn.Linear and n not in layers)
     quantize_nf4(model, skip=skip, compute_dtype=dtype and getattr(torch, dtype), **opts)
 
@@ -142,6 +149,10 @@ def _adapters_active(model):
     return active[0] if len(active) == 1 else None
 
 
+def _fields(config_class) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(config_class))
+
+
 def _has(attr, kind):
     return lambda model: [None] if isinstance(getattr(model, attr, None), kind) else []
 
@@ -153,16 +164,16 @@ METHODS = {
                    parts=lambda model, name: {"prefix_tuning.prefix": model.prefix_tuning.prefixes[name]},
                    options=lambda model, name: asdict(model.prefix_tuning.prefixes[name].config),
                    apply=lambda model, opts, name: add_prefix_tuning(model, name=name, **opts),
-                   keys=("n_prefix", "reparam", "reparam_dim", "reparam_hidden", "init", "seed")),
+                   keys=_fields(PrefixTuningConfig)),
     "adapter": dict(names=list_adapters, active=_adapters_active, parts=_adapter_parts,
                     options=lambda model, name: asdict(next(iter(_adapter_parts(model, name).values())).config),
                     apply=lambda model, opts, name: add_adapters(model, name=name, **opts),
-                    keys=("bottleneck", "placement", "activation", "seed")),
+                    keys=_fields(AdapterConfig)),
     "prompt": dict(names=_has("prompt_tuning", SoftPrompt), active=lambda model: None,
                    parts=lambda model, name: {"prompt_tuning": model.prompt_tuning},
                    options=lambda model, name: asdict(model.prompt_tuning.config),
                    apply=lambda model, opts, name: add_prompt_tuning(model, **opts),
-                   keys=("n_tokens", "init", "init_text", "seed")),
+                   keys=_fields(PromptTuningConfig)),
     "full": dict(names=lambda model: [], active=lambda model: None, parts=None, options=lambda model, name: {},
                  apply=lambda model, opts, name: model, keys=()),
 }

@@ -205,3 +205,34 @@ def test_qlora_file_records_the_4bit_base_and_rebuilds_it(tiny_model, tiny_confi
     for target in (_fresh(tiny_config, base_state),   # full precision: quantised on load, as it was
                    mp.quantize_nf4(_fresh(tiny_config, base_state), blocksize=32, double_quant=False)):
         assert torch.equal(mp.load_adapter(target, tmp_path)(x), tiny_model(x))
+
+
+def test_three_prefixes_loaded_into_one_base_and_a_mixed_batch(tiny_model, tiny_config, base_state, tmp_path):
+    x = _x(tiny_config, batch=4)
+    singles = {}
+    for seed, task in enumerate(["rotate", "caesar", "sortdesc"]):
+        model = mp.add_prefix_tuning(_fresh(tiny_config, base_state), n_prefix=3, reparam=seed != 1, seed=seed)
+        _randomise_trainable(model, seed)
+        singles[task] = model(x)
+        mp.save_adapter(model, tmp_path / task)
+    served = _fresh(tiny_config, base_state)
+    for task in singles:
+        mp.load_adapter(served, tmp_path / task, name=task)
+    rows = ["sortdesc", "rotate", "caesar", "rotate"]
+    mp.set_prefix(served, rows)  # one prefix per row, one forward pass
+    mixed = served(x)
+    for b, task in enumerate(rows):
+        torch.testing.assert_close(mixed[b], singles[task][b], atol=1e-5, rtol=0)
+
+
+def test_a_folded_prefix_saves_only_the_prefix(tiny_model, tiny_config, base_state, tmp_path):
+    mp.add_prefix_tuning(tiny_model, n_prefix=3)
+    _randomise_trainable(tiny_model)
+    x = _x(tiny_config)
+    expected = mp.fold_prefix(tiny_model)(x)
+    mp.save_adapter(tiny_model, tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes == {"prefix_tuning.prefix.prefix": (2, 2, 3, 32)}  # (layers, key/value, n_prefix, d_model)
+    torch.testing.assert_close(mp.load_adapter(_fresh(tiny_config, base_state), tmp_path)(x), expected,
+                               atol=0, rtol=0)
