@@ -1,5 +1,8 @@
 """The course the way a student meets it: each widget notebook opened in JupyterLab in a real browser.
 
+Widget notebooks: 06, 07, 09 (named below; skipped while missing) and every notebook whose code makes a
+widget (a ``*_widget(`` call, ``interact``, ``ipywidgets``).
+
 For every notebook: Run > Run All Cells, wait until the kernel is idle, then check that
   * no cell shows an error and every code cell ran;
   * every widget is drawn by the front end (not its text fallback, not "Error displaying widget");
@@ -13,7 +16,9 @@ nbval cannot see any of this: it runs the kernel side only. Run with ``make brow
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -22,7 +27,10 @@ import pytest
 HERE = Path(__file__).resolve().parent
 NOTEBOOK_DIR = HERE.parent.parent / "notebooks"
 # The fixture first: it checks the browser, JupyterLab and the widget front end apart from any lesson.
-WIDGET_NOTEBOOKS = ["widget_fixture.ipynb", "06_lora.ipynb", "07_nf4_quantization.ipynb", "09_comparison.ipynb"]
+# Then the widget notebooks named by the issue, and any other notebook whose code makes a widget.
+FIXTURE = "widget_fixture.ipynb"
+WIDGET_NOTEBOOKS = ["06_lora.ipynb", "07_nf4_quantization.ipynb", "09_comparison.ipynb"]
+MAKES_WIDGET = re.compile(r"\b\w+_widget\(|\binteract(?:ive|ive_output)?\(|\bipywidgets\b")
 # MINIPEFT_BROWSER_NOTEBOOKS="01_transformer_from_scratch.ipynb,..." checks other notebooks the same way.
 EXTRA = [n for n in os.environ.get("MINIPEFT_BROWSER_NOTEBOOKS", "").split(",") if n]
 UPDATE_TIMEOUT_S = 120  # one widget callback (a plot) after a slider move
@@ -113,9 +121,15 @@ def _exists(name: str) -> bool:
     return (NOTEBOOK_DIR / name).exists() or (HERE / name).exists()
 
 
+def _makes_widget(path: Path) -> bool:
+    cells = json.loads(path.read_text())["cells"]
+    return any(MAKES_WIDGET.search("".join(c["source"])) for c in cells if c["cell_type"] == "code")
+
+
 def _params():
-    names = WIDGET_NOTEBOOKS + [n for n in EXTRA if n not in WIDGET_NOTEBOOKS]
-    return [pytest.param(n, n in WIDGET_NOTEBOOKS, id=Path(n).stem,
+    widget_nbs = sorted(set(WIDGET_NOTEBOOKS) | {p.name for p in NOTEBOOK_DIR.glob("*.ipynb") if _makes_widget(p)})
+    names = [FIXTURE] + widget_nbs + [n for n in EXTRA if n not in widget_nbs]
+    return [pytest.param(n, n == FIXTURE or n in widget_nbs, id=Path(n).stem,
                          marks=[] if _exists(n) else [pytest.mark.skip(reason=f"{n} does not exist yet")])
             for n in names]
 
