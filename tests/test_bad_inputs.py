@@ -3,6 +3,7 @@ a message that names the problem, and the model is left exactly as it was (state
 flags, structure, train/eval mode)."""
 import json
 import re
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -185,6 +186,10 @@ ROWS = [
       match="options.base_nf4 must be null or an object"),
     R(id="load-unknown-method", setup=lambda m, t: _edit_config(m, t, lambda c: c.update(method="ia3")),
       call=lambda m, c: mp.load_adapter(m, c), error=mp.AdapterFileError, match="unknown method 'ia3'"),
+    R(id="load-claims-another-method", setup=lambda m, t: _edit_config(m, t, lambda c: c.update(
+        method="prompt", name=None, options=asdict(mp.PromptTuningConfig(n_tokens=3)))),
+      call=lambda m, c: mp.load_adapter(m, c), error=mp.AdapterFileError,
+      match=r"lacks tensor\(s\) \['prompt_tuning.embedding'\]"),
     R(id="load-missing-tensor", setup=lambda m, t: _edit_tensors(m, t, lambda d: d.pop("blocks.0.attn.q_proj.lora_A")),
       call=lambda m, c: mp.load_adapter(m, c), error=mp.AdapterFileError,
       match=r"lacks tensor\(s\) \['blocks.0.attn.q_proj.lora_A'\]"),
