@@ -98,8 +98,8 @@ def nf4_bins_widget(weights: dict, blocksize: int = 64):
         controls["block"].max = n_blocks - 1  # the slider follows the layer and the block size
         out.clear_output(wait=True)
         with out:
-            plt.show(plot_nf4_bins(weights[layer], min(block, n_blocks - 1), blocksize, quant_type,
-                                   double_quant, layer))
+            plot_nf4_bins(weights[layer], min(block, n_blocks - 1), blocksize, quant_type, double_quant, layer)
+            plt.show()
 
     w.interactive_output(draw, controls)
     display(w.VBox([w.HBox([controls["layer"], controls["blocksize"], controls["double_quant"]]),
