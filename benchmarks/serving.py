@@ -13,7 +13,7 @@ machine's load:
   (``lora_adapter_per_row`` / ``set_prefix(model, names)``);
 * ``lora per task`` / ``prefix per task``: switch the adapter and run one smaller batch per task;
 * ``merged``: N merged single-task models (dW folded into a copy of the base), one batch each;
-* ``base``: the bare base on the whole batch, the ceiling (no adapter at all).
+* ``base``: the plain base model on the whole batch, the ceiling (no adapter, no wrapper).
 
 Printed: requests/s (median of the repeats) and the ratios. Mixed and per-task answers are checked
 to be identical before anything is timed.
@@ -67,6 +67,7 @@ def serving_models(n_tasks: int, seed: int = 0):
 def time_ways(n_tasks: int, batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
     """Requests per second of each way to answer one batch of requests spread over ``n_tasks`` tasks."""
     lora, merged, prefix = serving_models(n_tasks)
+    plain = mp.load_base().eval()  # no adapter, no wrapper: the ceiling
     ids, names = make_requests(n_tasks, batch)
     groups = {t: torch.tensor([b for b, n in enumerate(names) if n == t]) for t in dict.fromkeys(names)}
 
@@ -83,15 +84,11 @@ def time_ways(n_tasks: int, batch: int, new_tokens: int, repeats: int) -> dict[s
     def lora_per_task():
         return per_group(lambda t, x: mp.set_lora_adapter(lora, t).generate(x, new_tokens))
 
-    def bare():
-        with mp.disable_lora(lora):
-            return lora.generate(ids, new_tokens)
-
     ways = {
         "lora mixed": lora_mixed,
         "lora per task": lora_per_task,
         "merged": lambda: per_group(lambda t, x: merged[t].generate(x, new_tokens)),
-        "base": bare,
+        "base": lambda: plain.generate(ids, new_tokens),
         "prefix mixed": lambda: mp.set_prefix(prefix, names).generate(ids, new_tokens),
         "prefix per task": lambda: per_group(lambda t, x: mp.set_prefix(prefix, t).generate(x, new_tokens)),
     }
