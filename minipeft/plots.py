@@ -157,8 +157,8 @@ def lowrank_numbers(delta_full, delta_lora, r: int) -> dict:
 
     ``energy``/``rel_error``: the full update's top r directions and its best rank-r approximation;
     ``random_energy``: the same for a Gaussian matrix of that shape (no structure at all); ``phi``:
-    subspace similarity between all directions of the LoRA update and the full update's top r, with
-    ``chance`` what two random subspaces would give (max(i, j) / d).
+    subspace similarity of the LoRA update's top min(r, its rank) directions with the full update's
+    top r, and ``chance``, what random directions would give (r / d).
     """
     from .lora import subspace_similarity
     full, lora = _np(delta_full), _np(delta_lora)
@@ -166,10 +166,10 @@ def lowrank_numbers(delta_full, delta_lora, r: int) -> dict:
     lora_rank = int((s_lora > 1e-6 * s_lora[0]).sum()) if s_lora[0] > 0 else 0
     energy = energy_top_r(s_full, r)
     noise = np.random.default_rng(0).standard_normal(full.shape)
-    phi = subspace_similarity(lora, full, lora_rank, r) if lora_rank else 0.0
+    phi = subspace_similarity(lora, full, min(lora_rank, r), r) if lora_rank else 0.0
     return dict(r=r, energy=energy, rel_error=float(np.sqrt(max(0.0, 1 - energy))),
                 random_energy=energy_top_r(singular_values(noise), r), lora_rank=lora_rank, phi=phi,
-                chance=min(1.0, max(lora_rank, r) / full.shape[0]))
+                chance=min(1.0, r / full.shape[0]))
 
 
 def plot_energy_curves(deltas: dict, r: int = 8, ax=None, max_rank: int = 128):
@@ -228,11 +228,11 @@ def plot_lowrank(delta_full, delta_lora, r: int, layer: str = "", max_rank: int 
 
     ax = axes[2]
     if k:
-        ax.plot(ranks, [subspace_similarity(lora, full, k, j) for j in ranks], color="C1",
-                label=f"all {k} LoRA directions")
+        ax.plot(ranks, [subspace_similarity(lora, full, min(k, j), j) for j in ranks], color="C1",
+                label=f"LoRA's top min(j, {k}) directions")
         ax.plot(ranks, [subspace_similarity(lora, full, 1, j) for j in ranks], color="C2",
                 label="LoRA's strongest direction")
-        ax.plot(ranks, [min(1.0, max(k, j) / full.shape[0]) for j in ranks], "--", color="gray",
+        ax.plot(ranks, [min(1.0, j / full.shape[0]) for j in ranks], "--", color="gray",
                 label="chance (random directions)")
         ax.plot([r], [num["phi"]], "o", color="C3")
         ax.legend(fontsize=8)
