@@ -6,7 +6,7 @@ unless ``MINIPEFT_BROWSER_REQUIRED=1`` (set by CI) turns the skip into a failure
 asked for by path (``make browser``, ``pytest tests/browser``) or with ``MINIPEFT_BROWSER=1``.
 
 Environment: ``MINIPEFT_CHROMIUM`` (path to the browser, default ``/usr/bin/chromium``),
-``MINIPEFT_BROWSER_TIMEOUT`` (seconds for one notebook to run all its cells, default 300),
+``MINIPEFT_BROWSER_TIMEOUT`` (seconds for one notebook to run all its cells, default 900),
 ``MINIPEFT_BROWSER_ARTIFACTS`` (where screenshots and logs go, default ``tests/browser/artifacts``).
 """
 from __future__ import annotations

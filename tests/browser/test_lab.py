@@ -213,7 +213,7 @@ def test_notebook_in_jupyterlab(tab, lab, artifacts, name, widgets_required):
     page, stem = tab.page, Path(name).stem
     t0 = time.monotonic()
     open_notebook(page, lab, name)
-    state = run_all(page, name, float(os.environ.get("MINIPEFT_BROWSER_TIMEOUT", "300")))
+    state = run_all(page, name, float(os.environ.get("MINIPEFT_BROWSER_TIMEOUT", "900")))
     run_s = time.monotonic() - t0
     page.screenshot(path=str(artifacts / f"{stem}.png"))
     cells = page.evaluate(JS_CELLS)
