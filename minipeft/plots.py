@@ -197,9 +197,18 @@ def plot_energy_curves(deltas: dict, r: int = 8, ax=None, max_rank: int = 128):
     return fig
 
 
+def phi_curve(delta_lora, delta_full, ranks, i: int | None = None) -> np.ndarray:
+    """``phi(LoRA, full, min(i, j), j)`` for each j in ``ranks`` (``i``: default all of LoRA's directions),
+    the subspace similarity of :func:`minipeft.lora.subspace_similarity` with each SVD done once."""
+    U_lora = np.linalg.svd(_np(delta_lora), full_matrices=False)[0]
+    U_full = np.linalg.svd(_np(delta_full), full_matrices=False)[0]
+    i = U_lora.shape[1] if i is None else i
+    overlap = (U_lora.T @ U_full) ** 2  # (k, k): squared cosines between the two sets of directions
+    return np.array([overlap[:min(i, j), :j].sum() / min(i, j) for j in ranks])
+
+
 def plot_lowrank(delta_full, delta_lora, r: int, layer: str = "", max_rank: int = 64):
     """The low-rank widget's picture for one layer and rank ``r``: spectra, rank-r error, similarity."""
-    from .lora import subspace_similarity
     num = lowrank_numbers(delta_full, delta_lora, r)
     full, lora = _np(delta_full), _np(delta_lora)
     s_full, s_lora = singular_values(full), singular_values(lora)
@@ -228,10 +237,8 @@ def plot_lowrank(delta_full, delta_lora, r: int, layer: str = "", max_rank: int 
 
     ax = axes[2]
     if k:
-        ax.plot(ranks, [subspace_similarity(lora, full, min(k, j), j) for j in ranks], color="C1",
-                label=f"LoRA's top min(j, {k}) directions")
-        ax.plot(ranks, [subspace_similarity(lora, full, 1, j) for j in ranks], color="C2",
-                label="LoRA's strongest direction")
+        ax.plot(ranks, phi_curve(lora, full, ranks, k), color="C1", label=f"LoRA's top min(j, {k}) directions")
+        ax.plot(ranks, phi_curve(lora, full, ranks, 1), color="C2", label="LoRA's strongest direction")
         ax.plot(ranks, [min(1.0, j / full.shape[0]) for j in ranks], "--", color="gray",
                 label="chance (random directions)")
         ax.plot([r], [num["phi"]], "o", color="C3")

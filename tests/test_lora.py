@@ -378,3 +378,14 @@ def test_plot_lowrank_over_its_range(r):
     fig2 = plot_sweep([1, 2, 4], {"a": [[0.1, 0.5, 0.4], [0.2, 0.6, 0.3]]}, "x", best="max")
     assert len(fig2.axes) == 1
     plt.close("all")
+
+
+@pytest.mark.parametrize("i", [1, 3, None])
+def test_phi_curve_equals_subspace_similarity(i):
+    from minipeft.plots import phi_curve
+    torch.manual_seed(1)
+    full, lora = torch.randn(12, 20), torch.randn(12, 3) @ torch.randn(3, 20)
+    ranks = [1, 2, 3, 5, 12]
+    k = 12 if i is None else i  # None: all of LoRA's (12, numerically) directions
+    want = [mp.subspace_similarity(lora, full, min(k, j), j) for j in ranks]
+    assert phi_curve(lora, full, ranks, i) == pytest.approx(want, abs=1e-9)
