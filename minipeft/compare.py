@@ -9,7 +9,9 @@ fills it with measurements on the toy model, the same way for every method:
   split (the task drawn with another seed), never on the split that is reported;
 * several seeds at that learning rate: accuracy mean +- std, and failed runs (a non-finite loss, or an
   accuracy under half the method's median);
-* forgetting: the drop of exact match on the pretraining tasks, with the adapter switched on;
+* forgetting: the drop of exact match on the pretraining tasks, with the adapter switched on; and
+  whether the base's own tensors are bit-for-bit those before training (then switching the adapter off
+  gives back the base exactly: no forgetting at all);
 * trainable parameters (% of the base model), training memory of one step (measured, batch 32 at the
   task's longest sequence), checkpoint bytes (``save_adapter``), step time.
 """
@@ -34,6 +36,7 @@ from .lora import add_lora
 from .memory import MemoryBreakdown, measure_memory
 from .memory_formula import predict_memory
 from .io import save_adapter
+from .io_methods import base_state_dict
 from .prefix import add_prefix_tuning, fold_prefix
 from .prompt import add_prompt_tuning
 from .qlora import quantize_nf4
@@ -110,6 +113,7 @@ class MethodResult:
     accuracies: list[float]             # one per seed
     final_losses: list[float]
     forgetting: list[float]             # drop of mean pretraining exact match, one per seed
+    base_unchanged: list[bool]          # the base's tensors bit-for-bit as before training, one per seed
     trainable: int
     base_params: int
     memory: MemoryBreakdown
@@ -185,19 +189,22 @@ def run_comparison(config: CompareConfig | None = None, progress: bool = True) -
         # the best selection accuracy; equal accuracies (all 0 early on) go to the lower training loss
         lr = max(method.lrs, key=lambda k: (sweep[k][0], -sweep[k][1]))
         bar.set_postfix_str(f"{method.key}: lr {lr:g}")
-        accs, losses, forgot, seconds = [], [], [], []
+        accs, losses, forgot, kept, seconds = [], [], [], [], []
         for seed in range(config.seeds):
             model = _fresh(method, seed, device)
+            before = {k: v.detach().clone() for k, v in base_state_dict(model).items()}
             hist = train(model, task, config.steps, lr, config.batch_size, seed=seed, device=device, progress=False)
             accs.append(evaluate(model, task, max_examples=config.eval_examples))
             losses.append(statistics.fmean(hist.loss[-10:]))
             forgot.append(base_pretrain - pretrain_accuracy(model, config.forgetting_examples, pretrain))
+            after = base_state_dict(model)
+            kept.append(after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items()))
             seconds.append(hist.step_time)
             bar.update(config.steps)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         name, options = method.formula
         results.append(MethodResult(
-            method.key, method.label, lr, sweep, accs, losses, forgot, trainable, base_params,
+            method.key, method.label, lr, sweep, accs, losses, forgot, kept, trainable, base_params,
             measure_memory(model, config.batch_size, seq_len),
             predict_memory(model.config, name, config.batch_size, seq_len, compute_dtype="fp32", **options),
             checkpoint_bytes(model, method.key), statistics.fmean(seconds)))
@@ -208,7 +215,7 @@ def run_comparison(config: CompareConfig | None = None, progress: bool = True) -
 # --- the table ------------------------------------------------------------------------------------
 
 COLUMNS = ("method", "trainable params", "trainable %", "train memory (MB)", "accuracy", "std across seeds",
-           "failed runs", "forgetting", "checkpoint (kB)", "step time (ms)", "lr")
+           "failed runs", "forgetting", "base unchanged", "checkpoint (kB)", "step time (ms)", "lr")
 
 
 def table_rows(results: list[MethodResult]) -> list[dict]:
@@ -222,6 +229,7 @@ def table_rows(results: list[MethodResult]) -> list[dict]:
         "std across seeds": f"{r.std:.3f}",
         "failed runs": f"{r.failed}/{len(r.accuracies)}",
         "forgetting": f"{statistics.fmean(r.forgetting):+.3f}",
+        "base unchanged": f"{sum(r.base_unchanged)}/{len(r.base_unchanged)}",
         "checkpoint (kB)": f"{r.checkpoint_bytes / 1000:,.1f}",
         "step time (ms)": f"{1000 * r.step_time:.1f}",
         "lr": f"{r.lr:g}",
@@ -256,20 +264,22 @@ def write_outputs(results: list[MethodResult], out_dir, config: CompareConfig, c
         f"{markdown_table(results)}\n\nTask `{config.task}`, {config.steps} steps of batch {config.batch_size} "
         f"per run, {config.seeds} seeds, learning rate from a sweep of {config.sweep_steps} steps per value. "
         f"Memory: one measured training step (weights + gradients + AdamW state + activations) at batch "
-        f"{config.batch_size}. Forgetting: drop of mean exact match on {', '.join(PRETRAIN_TASKS)}.\n\n"
+        f"{config.batch_size}. Forgetting: drop of mean exact match on {', '.join(PRETRAIN_TASKS)} with the "
+        f"adapter on. Base unchanged: runs whose base tensors are bit-for-bit those before training (the "
+        f"adapter switched off gives back the base, forgetting 0).\n\n"
         f"Command: `{command}`  \nMachine: {machine()}  \nWall time: {seconds / 60:.1f} min\n", encoding="utf-8")
     with paths["csv"].open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "key", "trainable", "trainable_percent", "memory_bytes", "weights_bytes",
                          "gradients_bytes", "optimizer_bytes", "activations_bytes", "predicted_memory_bytes",
                          "accuracy_mean", "accuracy_std", "accuracies", "failed", "forgetting_mean",
-                         "checkpoint_bytes", "step_time_s", "lr", "sweep"])
+                         "base_unchanged", "checkpoint_bytes", "step_time_s", "lr", "sweep"])
         for r in results:
             m = r.memory
             writer.writerow([r.label, r.key, r.trainable, f"{r.percent:.4f}", m.total, m.weight_bytes, m.gradients,
                              m.optimizer, m.activations, r.predicted.total, f"{r.mean:.4f}", f"{r.std:.4f}",
                              " ".join(f"{a:.4f}" for a in r.accuracies), r.failed,
-                             f"{statistics.fmean(r.forgetting):.4f}", r.checkpoint_bytes, f"{r.step_time:.5f}",
+                             f"{statistics.fmean(r.forgetting):.4f}", sum(r.base_unchanged), r.checkpoint_bytes, f"{r.step_time:.5f}",
                              r.lr, " ".join(f"{k:g}:{a:.3f}" for k, (a, _) in r.sweep.items())])
     fig = plot_comparison(results)
     fig.savefig(paths["png"], dpi=120, bbox_inches="tight")

@@ -78,17 +78,27 @@ def plot_memory_estimate(preset: str = "Llama-2-7B", method: str = "lora", r: in
     """One predicted stacked bar (GB) with the common GPU sizes drawn across: what fits where."""
     p, fits = memory_estimate(preset, method, r, base_dtype, batch_size, seq_len)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    label = f"{method}" + (f" r={r}" if method in ("lora", "qlora") else "") + f", {base_dtype} base"
-    plot_memory_breakdown({label: p}, ax=ax, unit="GB", title=f"{preset}, batch {batch_size} x {seq_len} tokens")
+    name = "QLoRA" if (method, base_dtype) == ("lora", "nf4") else method
+    label = name + (f" r={r}" if method in ("lora", "qlora") else "") + f", {base_dtype} base"
+    plot_memory_breakdown({label: p}, ax=ax, unit="GB", title="")
     ax.tick_params(axis="x", labelrotation=0)
     ax.get_xticklabels()[0].set_ha("center")
     top = max(p.total / 2 ** 30, 1.0)
-    for g, ok in fits.items():
-        if g <= 1.6 * top:
-            ax.axhline(g, color="green" if ok else "gray", ls="--", lw=1)
-            ax.text(0.52, g, f"{g} GB {'fits' if ok else 'too small'}", va="bottom", fontsize=8)
-    ax.set_xlim(-0.6, 1.4)
-    ax.set_ylim(0, max(1.6 * top, min(fits) * 1.1))
+    ymax = max(1.6 * top, min(fits) * 1.1)
+    ax.set_xlim(-0.6, 1.6)
+    ax.set_ylim(0, ymax)
+    ax.legend(fontsize=8, loc="upper left")
+    # one label per group of GPU lines closer than 6 % of the axis (they would print on top of each other)
+    groups: list[list[int]] = []
+    for g in sorted(g for g in fits if g <= ymax):
+        ax.axhline(g, color="green" if fits[g] else "gray", ls="--", lw=1)
+        if groups and g - groups[-1][-1] < 0.06 * ymax and fits[g] == fits[groups[-1][-1]]:
+            groups[-1].append(g)
+        else:
+            groups.append([g])
+    for group in groups:
+        sizes = ", ".join(str(g) for g in group)
+        ax.text(0.5, group[-1], f" {sizes} GB {'fits' if fits[group[-1]] else 'too small'}", va="bottom", fontsize=8)
     fits_text = ", ".join(f"{g} GB" for g, ok in fits.items() if ok) or "none of 16/24/40/80 GB"
     ax.set_title(f"{preset}, batch {batch_size} x {seq_len} tokens\ntotal {p.total / 2 ** 30:.1f} GB; fits: {fits_text}",
                  fontsize=10)
@@ -120,10 +130,14 @@ def plot_memory_scaling(model="Llama-2-7B", methods=None, batch_sizes=(1, 2, 4, 
 def plot_comparison(results, axes=None):
     """Accuracy (mean +- std over seeds) against trainable parameters and against measured training memory."""
     fig, axes = (axes[0].figure, axes) if axes is not None else plt.subplots(1, 2, figsize=(11, 4))
+    placed = {0: [], 1: []}
     for r in results:
-        for ax, x in zip(axes, (r.trainable, r.memory.total / 2 ** 20)):
+        for i, (ax, x) in enumerate(zip(axes, (r.trainable, r.memory.total / 2 ** 20))):
             ax.errorbar(x, r.mean, yerr=r.std, fmt="o", capsize=3, label=r.label)
-            ax.annotate(r.key, (x, r.mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            # a label next to another point's (same x within 10 %, y within 0.05) goes below its point
+            crowded = any(abs(x - px) <= 0.1 * max(x, px) and abs(r.mean - py) < 0.05 for px, py in placed[i])
+            placed[i].append((x, r.mean))
+            ax.annotate(r.key, (x, r.mean), textcoords="offset points", xytext=(5, -12 if crowded else 4), fontsize=8)
     axes[0].set(xscale="log", xlabel="trainable parameters (log)", ylabel="exact match", title="accuracy vs trainable parameters")
     axes[1].set(xlabel="training memory of one step (MB)", ylabel="exact match", title="accuracy vs memory")
     for ax in axes:
@@ -353,7 +367,7 @@ def plot_nf4_bins(weight, block: int = 0, blocksize: int = 64, quant_type: str =
     num = nf4_numbers(weight, block, blocksize, quant_type, double_quant)
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
     ax = axes[0]
-    ax.hist(num["values"], bins=40, color="C0", alpha=0.7, label="block values")
+    counts, _, _ = ax.hist(num["values"], bins=40, color="C0", alpha=0.7, label="block values")
     ax.vlines(num["levels"], 0, 1, transform=ax.get_xaxis_transform(), color="C3", lw=1.2, label="levels")
     ax.vlines(num["edges"], 0, 1, transform=ax.get_xaxis_transform(), color="gray", lw=0.8, ls="--",
               label="bin edges")
@@ -361,7 +375,8 @@ def plot_nf4_bins(weight, block: int = 0, blocksize: int = 64, quant_type: str =
             transform=ax.get_xaxis_transform(), clip_on=False)
     ax.set(xlabel="weight", ylabel="count", title=f"block {block} of {num['n_blocks']}: absmax "
            f"{num['absmax']:.3f}, error {100 * num['block_error']:.1f} %")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, 1.35 * counts.max())  # head room: the legend sits above the bars
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
     ax = axes[1]
     ax.hist(num["scaled"], bins=200, range=(-1, 1), color="C1", alpha=0.7)
     ax.vlines(num["unit_levels"], 0, 1, transform=ax.get_xaxis_transform(),

@@ -5,6 +5,14 @@ Headless runs (CI, nbval) never move a slider, which is why the work lives in th
 from __future__ import annotations
 
 
+def _show(fig):
+    """Draw ``fig`` into the current output area and close it (works with any matplotlib backend)."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+    display(fig)
+    plt.close(fig)
+
+
 # --- memory ---------------------------------------------------------------------------------------
 
 
@@ -12,7 +20,6 @@ def memory_widget():
     """Model preset, method, LoRA rank, base precision, batch and sequence length -> the predicted bar
     and the GPU sizes it fits (:func:`minipeft.plots.plot_memory_estimate`)."""
     import ipywidgets as w
-    import matplotlib.pyplot as plt
     from IPython.display import display
 
     from .presets import PRESETS
@@ -22,7 +29,9 @@ def memory_widget():
         preset=w.Dropdown(options=list(PRESETS), value="Llama-2-7B", description="model"),
         method=w.Dropdown(options=["full", "prompt", "prefix", "adapter", "lora"], value="lora", description="method"),
         r=w.Dropdown(options=[1, 2, 4, 8, 16, 32, 64, 128], value=8, description="LoRA rank"),
-        base_dtype=w.ToggleButtons(options=["fp32", "bf16", "nf4"], value="bf16", description="base"),
+        base_dtype=w.ToggleButtons(options=["fp32", "bf16", "nf4"], value="bf16", description="base weights",
+                                   style={"description_width": "initial", "button_width": "64px"},
+                                   tooltips=["32-bit", "16-bit (bfloat16)", "4-bit NF4 (with LoRA: QLoRA)"]),
         batch_size=w.IntSlider(value=4, min=1, max=64, description="batch"),
         seq_len=w.Dropdown(options=[128, 256, 512, 1024, 2048, 4096], value=512, description="tokens"),
     )
@@ -35,8 +44,12 @@ def memory_widget():
                 print("full fine-tuning cannot train 4-bit weights: choose fp32 or bf16")
                 return
             fig = plot_memory_estimate(**kwargs)
-            plt.show(fig)
+            _show(fig)
 
+    def rank_only_for_lora(change):
+        controls["r"].disabled = change["new"] != "lora"
+
+    controls["method"].observe(rank_only_for_lora, names="value")
     w.interactive_output(draw, controls)
     display(w.VBox([w.HBox([controls["preset"], controls["method"], controls["r"]]), controls["base_dtype"],
                     w.HBox([controls["batch_size"], controls["seq_len"]]), out]))
@@ -51,7 +64,6 @@ def lowrank_widget(deltas_full: dict, deltas_lora: dict, r: int = 8, max_rank: i
     ``deltas_full`` / ``deltas_lora``: ``{layer name: dW}`` from full fine-tuning and from LoRA (the
     layers present in both are offered)."""
     import ipywidgets as w
-    import matplotlib.pyplot as plt
     from IPython.display import display
 
     from .plots import plot_lowrank
@@ -64,7 +76,7 @@ def lowrank_widget(deltas_full: dict, deltas_lora: dict, r: int = 8, max_rank: i
     def draw(layer, r):
         out.clear_output(wait=True)
         with out:
-            plt.show(plot_lowrank(deltas_full[layer], deltas_lora[layer], r, layer, max_rank))
+            _show(plot_lowrank(deltas_full[layer], deltas_lora[layer], r, layer, max_rank))
 
     w.interactive_output(draw, controls)
     display(w.VBox([w.HBox([controls["layer"], controls["r"]]), out]))
@@ -78,7 +90,6 @@ def nf4_bins_widget(weights: dict, blocksize: int = 64):
 
     ``weights``: ``{layer name: weight tensor}``."""
     import ipywidgets as w
-    import matplotlib.pyplot as plt
     from IPython.display import display
 
     from .plots import plot_nf4_bins
@@ -98,8 +109,7 @@ def nf4_bins_widget(weights: dict, blocksize: int = 64):
         controls["block"].max = n_blocks - 1  # the slider follows the layer and the block size
         out.clear_output(wait=True)
         with out:
-            plot_nf4_bins(weights[layer], min(block, n_blocks - 1), blocksize, quant_type, double_quant, layer)
-            plt.show()
+            _show(plot_nf4_bins(weights[layer], min(block, n_blocks - 1), blocksize, quant_type, double_quant, layer))
 
     w.interactive_output(draw, controls)
     display(w.VBox([w.HBox([controls["layer"], controls["blocksize"], controls["double_quant"]]),
@@ -113,7 +123,6 @@ def sweep_widget(x, values, histories=None, xlabel: str = "", ylabel: str = "exa
     """A slider over the stored sweep ``x`` (for example the number of virtual tokens) redrawing
     :func:`minipeft.plots.plot_sweep_selection`; nothing is retrained."""
     import ipywidgets as w
-    import matplotlib.pyplot as plt
     from IPython.display import display
 
     from .plots import plot_sweep_selection
@@ -124,7 +133,7 @@ def sweep_widget(x, values, histories=None, xlabel: str = "", ylabel: str = "exa
     def draw(selected):
         out.clear_output(wait=True)
         with out:
-            plt.show(plot_sweep_selection(x, values, selected, histories, xlabel, ylabel, title))
+            _show(plot_sweep_selection(x, values, selected, histories, xlabel, ylabel, title))
 
     w.interactive_output(draw, dict(selected=slider))
     display(w.VBox([slider, out]))

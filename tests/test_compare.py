@@ -23,6 +23,8 @@ def test_cli_quick_tiny_budget_gives_one_row_per_method(tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert [r["key"] for r in table] == list(compare.METHODS)
     assert all(len(r["accuracies"].split()) == 2 for r in table)
+    # full fine-tuning changes the base in every run; every PEFT method leaves it bit-for-bit as it was
+    assert {r["key"]: r["base_unchanged"] for r in table} == {k: "0" if k == "full" else "2" for k in compare.METHODS}
     md = (tmp_path / "comparison.md").read_text()
     assert "python -m minipeft compare --quick" in md and "Machine:" in md
     assert (tmp_path / "comparison.png").stat().st_size > 0
@@ -31,7 +33,7 @@ def test_cli_quick_tiny_budget_gives_one_row_per_method(tmp_path, capsys):
 def _result(accuracies, losses=None, trainable=100):
     m = MemoryBreakdown({"float32": 400}, 400, 800, 1000, trainable)
     return compare.MethodResult("k", "label", 1e-3, {1e-3: (0.5, 0.1)}, accuracies, losses or [0.1] * len(accuracies),
-                                [0.0] * len(accuracies), trainable, 1000, m, m, 123, 0.01)
+                                [0.0] * len(accuracies), [True] * len(accuracies), trainable, 1000, m, m, 123, 0.01)
 
 
 @pytest.mark.parametrize("accuracies,losses,failed", [
@@ -50,6 +52,7 @@ def test_table_row_by_hand():
     assert row["trainable %"] == "10"                  # 100 / 1000
     assert row["train memory (MB)"] == f"{2600 / 2 ** 20:.1f}"
     assert row["failed runs"] == "0/2"
+    assert row["base unchanged"] == "2/2"
     table = compare.markdown_table([_result([0.5]), _result([0.6])])
     assert len(table.splitlines()) == 4 and table.splitlines()[0].count("|") == len(compare.COLUMNS) + 1
 
