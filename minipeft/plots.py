@@ -130,14 +130,17 @@ def plot_memory_scaling(model="Llama-2-7B", methods=None, batch_sizes=(1, 2, 4, 
 def plot_comparison(results, axes=None):
     """Accuracy (mean +- std over seeds) against trainable parameters and against measured training memory."""
     fig, axes = (axes[0].figure, axes) if axes is not None else plt.subplots(1, 2, figsize=(11, 4))
-    placed = {0: [], 1: []}
-    for r in results:
-        for i, (ax, x) in enumerate(zip(axes, (r.trainable, r.memory.total / 2 ** 20))):
-            ax.errorbar(x, r.mean, yerr=r.std, fmt="o", capsize=3, label=r.label)
-            # a label next to another point's (same x within 10 %, y within 0.05) goes below its point
-            crowded = any(abs(x - px) <= 0.1 * max(x, px) and abs(r.mean - py) < 0.05 for px, py in placed[i])
-            placed[i].append((x, r.mean))
-            ax.annotate(r.key, (x, r.mean), textcoords="offset points", xytext=(5, -12 if crowded else 4), fontsize=8)
+    points = [(r, (r.trainable, r.memory.total / 2 ** 20)) for r in results]
+    for i, ax in enumerate(axes):
+        xs = [np.log10(x[i]) if i == 0 else x[i] for _, x in points]   # axis 0 is logarithmic
+        span = (max(xs) - min(xs)) or 1.0
+        for j, (r, x) in enumerate(points):
+            ax.errorbar(x[i], r.mean, yerr=r.std, fmt="o", capsize=3, label=r.label)
+            # two points close together: the lower one's label goes below it, so the two do not overlap
+            lower = any(k != j and abs(xs[j] - xs[k]) < 0.08 * span and 0 <= points[k][0].mean - r.mean < 0.06
+                        and (points[k][0].mean > r.mean or k < j) for k in range(len(points)))
+            ax.annotate(r.key, (x[i], r.mean), textcoords="offset points", xytext=(5, -12 if lower else 4), fontsize=8)
+        ax.margins(x=0.08)  # room for the rightmost label
     axes[0].set(xscale="log", xlabel="trainable parameters (log)", ylabel="exact match", title="accuracy vs trainable parameters")
     axes[1].set(xlabel="training memory of one step (MB)", ylabel="exact match", title="accuracy vs memory")
     for ax in axes:
