@@ -1,5 +1,6 @@
 """The comparison runner: the CLI on a tiny budget, the table's columns and its failure rule."""
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,12 @@ def test_config_rejects_bad_input():
         compare.CompareConfig(seeds=0)
     with pytest.raises(ValueError, match="unknown task"):
         compare.CompareConfig(task="nope")
+
+
+def test_readme_carries_the_stored_table():
+    """The README's table is the one ``python -m minipeft compare --out docs`` wrote, row for row."""
+    root = Path(__file__).resolve().parents[1]
+    table = [line for line in (root / "docs" / "comparison.md").read_text().splitlines() if line.startswith("|")]
+    readme = (root / "README.md").read_text()
+    assert len(table) == 2 + len(compare.METHODS)
+    assert all(line in readme.splitlines() for line in table)
