@@ -5,18 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import minipeft as mp
+from helpers import copy_of, state
 
 ACT = {"swish": F.silu, "relu": F.relu, "gelu": F.gelu}
-
-
-def copy_of(model):
-    twin = mp.GPT(model.config)
-    twin.load_state_dict(model.state_dict())
-    return twin.eval()
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def delta_by_hand(adapter, h):

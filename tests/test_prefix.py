@@ -7,16 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import minipeft as mp
-
-
-def copy_of(model):
-    twin = mp.GPT(model.config)
-    twin.load_state_dict(model.state_dict())
-    return twin.eval()
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+from helpers import copy_of, state
 
 
 def attention_by_hand(attn, x, pk, pv):

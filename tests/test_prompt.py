@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import minipeft as mp
+from helpers import state
 
 
 def by_hand(model, prompt, x):
@@ -15,10 +16,6 @@ def by_hand(model, prompt, x):
     for block in model.blocks:
         h = block(h)
     return model.head(model.ln_f(h))[:, n:]
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_empty_prompt_is_the_base(tiny_model):
