@@ -191,6 +191,20 @@ def test_memory_estimate_over_its_range(method, base_dtype):
     plt.close(fig)
 
 
+@pytest.mark.parametrize("preset,method,base_dtype,batch,labels", [
+    # 14 GB: the axis ends at 1.6 x 14 = 22 GB, so only the 16 GB line is drawn, and it fits
+    ("Llama-2-7B", "lora", "nf4", 4, [" 16 GB fits"]),
+    # 1,953 GB: the four lines lie within 6 % of the axis of each other and share one label
+    ("Llama-2-70B", "full", "bf16", 64, [" 16, 24, 40, 80 GB too small"]),
+])
+def test_memory_estimate_labels_each_gpu_line_once(preset, method, base_dtype, batch, labels):
+    import matplotlib.pyplot as plt
+    from minipeft.plots import plot_memory_estimate
+    fig = plot_memory_estimate(preset, method, 8, base_dtype, batch, 512)
+    assert [t.get_text() for t in fig.axes[0].texts] == labels
+    plt.close(fig)
+
+
 def test_breakdown_bars_stack_to_the_totals():
     import matplotlib.pyplot as plt
     from minipeft.plots import plot_memory_breakdown, plot_memory_scaling
