@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# as root (containers, cloud GPU machines) JupyterLab refuses to start without --allow-root
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: $(VENV)/.installed
 	MINIPEFT_QUICK=1 $(PY) -m pytest -q --durations=10 --nbval-lax tests notebooks
