@@ -119,8 +119,9 @@ def plot_memory_scaling(model="Llama-2-7B", methods=None, batch_sizes=(1, 2, 4, 
         totals = [predict_memory(model, method, b, seq_len, base_dtype=base_dtype, **options).total / 2 ** 30
                   for b in batch_sizes]
         ax.plot(batch_sizes, totals, "o-", label=label)
-    for g in GPU_SIZES_GB:
-        ax.axhline(g, color="gray", ls=":", lw=0.8)
+    for i, g in enumerate(GPU_SIZES_GB):
+        ax.axhline(g, color="gray", ls=":", lw=0.8,
+                   label="GPU memory: " + ", ".join(map(str, GPU_SIZES_GB)) + " GB" if i == 0 else None)
     ax.set(xlabel="batch size (sequences)", ylabel="GB", ylim=(0, None),
            title=f"{model if isinstance(model, str) else 'model'}, {seq_len} tokens, {base_dtype} base")
     ax.legend(fontsize=8)
