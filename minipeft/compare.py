@@ -36,7 +36,7 @@ from .lora import add_lora
 from .memory import MemoryBreakdown, measure_memory
 from .memory_formula import predict_memory
 from .io import save_adapter
-from .io_methods import base_state_dict
+from .io_methods import base_fingerprint
 from .prefix import add_prefix_tuning, fold_prefix
 from .prompt import add_prompt_tuning
 from .qlora import quantize_nf4
@@ -192,13 +192,12 @@ def run_comparison(config: CompareConfig | None = None, progress: bool = True) -
         accs, losses, forgot, kept, seconds = [], [], [], [], []
         for seed in range(config.seeds):
             model = _fresh(method, seed, device)
-            before = {k: v.detach().clone() for k, v in base_state_dict(model).items()}
+            before = base_fingerprint(model)   # SHA-256 of the base's own tensors, bytes included
             hist = train(model, task, config.steps, lr, config.batch_size, seed=seed, device=device, progress=False)
             accs.append(evaluate(model, task, max_examples=config.eval_examples))
             losses.append(statistics.fmean(hist.loss[-10:]))
             forgot.append(base_pretrain - pretrain_accuracy(model, config.forgetting_examples, pretrain))
-            after = base_state_dict(model)
-            kept.append(after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items()))
+            kept.append(base_fingerprint(model) == before)
             seconds.append(hist.step_time)
             bar.update(config.steps)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
