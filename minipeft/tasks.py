@@ -9,6 +9,9 @@ reads the prompt ``reverse:abcd=`` and is scored on the answer ``dcba.`` only (t
   character to the end), ``caesar`` (shift every letter by one, z -> a) and ``sortdesc`` (sort, largest
   first). Each has a low-resource variant ``<name>_few`` with only 48 training examples.
 
+Three disjoint splits: ``train`` (the model learns from it), ``val`` (choices such as the learning
+rate are made on it) and ``test`` (reported once the choices are made, never used to choose).
+
 >>> task = make_task("rotate", seed=0)
 >>> task.train[0]                                                       # doctest: +SKIP
 'rotate:qwxbd=wxbdq.'
@@ -20,7 +23,7 @@ right, in one forward pass.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -88,38 +91,46 @@ def solve(name: str, x: str) -> str:
 class Task:
     name: str
     train: list[str]  # full texts, 'rotate:abc=bca.'
-    val: list[str]    # disjoint from train (no input appears in both)
+    val: list[str]    # chooses (learning rate, ...); disjoint from train (no input appears in both)
     seed: int
+    test: list[str] = field(default_factory=list)  # reports; disjoint from train and val
 
     def __repr__(self):
         return (f"Task({self.name!r}, seed={self.seed}, train={len(self.train)}, val={len(self.val)}, "
-                f"example={self.train[0]!r})")
+                f"test={len(self.test)}, example={self.train[0]!r})")
 
 
-def make_task(name: str, seed: int = 0, n_train: int | None = None, n_val: int = 500) -> Task:
+def make_task(name: str, seed: int = 0, n_train: int | None = None, n_val: int = 500,
+              n_test: int = 500) -> Task:
     """Generate task ``name`` (one of ``TASKS``) with a seed; the same seed gives the same examples.
 
-    Inputs are drawn without repetition, so the training and validation splits share no input.
-    ``n_train`` defaults to 2,000 (48 for a ``_few`` variant).
+    Inputs are drawn without repetition from one stream per task and seed: the first ``n_val`` are the
+    validation split, the next ``n_train`` the training split, the next ``n_test`` the test split; so
+    the three share no input, and the test split (drawn last) leaves train and val as they were before
+    it existed. ``n_train`` defaults to 2,000 (48 for a ``_few`` variant).
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     base = name.removesuffix("_few")
     if n_train is None:
         n_train = N_FEW if name.endswith("_few") else 2000
-    if n_train <= 0 or n_val <= 0:
-        raise ValueError(f"n_train and n_val must be positive, got n_train={n_train}, n_val={n_val}")
+    if not (isinstance(n_train, int) and isinstance(n_val, int) and n_train > 0 and n_val > 0):
+        raise ValueError(f"n_train and n_val must be positive integers, got n_train={n_train!r}, n_val={n_val!r}")
+    if not isinstance(n_test, int) or n_test < 0:
+        raise ValueError(f"n_test must be a non-negative integer, got {n_test!r}")
     make_input, _ = _RULES[base]
     capacity = 100 * 100 if base == "add" else sum(26 ** k for k in range(3, 9))
-    if n_train + n_val > capacity:
-        raise ValueError(f"task {name!r} has only {capacity} distinct inputs; asked for {n_train + n_val}")
+    n = n_val + n_train + n_test
+    if n > capacity:
+        raise ValueError(f"task {name!r} has only {capacity} distinct inputs; asked for {n} "
+                         f"(n_train={n_train} + n_val={n_val} + n_test={n_test})")
     # a different stream per task, so that tasks with the same seed do not share inputs
     rng = random.Random(f"{base}-{seed}")
-    inputs: dict[str, None] = {}
-    while len(inputs) < n_train + n_val:
+    inputs: dict[str, None] = {}  # a dict keeps the order of first appearance
+    while len(inputs) < n:
         inputs[make_input(rng)] = None
     texts = [f"{base}:{x}={solve(base, x)}." for x in inputs]
-    return Task(name, texts[n_val:], texts[:n_val], seed)
+    return Task(name, texts[n_val:n_val + n_train], texts[:n_val], seed, texts[n_val + n_train:])
 
 
 def encode_batch(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
