@@ -129,14 +129,18 @@ class Cache:
             return None
         key = key_of(inputs)
         entry = self.path / key
-        entry.mkdir(parents=True, exist_ok=True)
         record = {**record, "format": FORMAT, "key": key, "inputs": inputs, "tensors_sha256": None}
-        if tensors is not None:
-            data = save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-            record["tensors_sha256"] = hashlib.sha256(data).hexdigest()
-            _atomic_write(entry / "tensors.safetensors", data)
-        # result.json last: an entry counts once its JSON is there, and the JSON names its tensors' checksum
-        _atomic_write(entry / "result.json", json.dumps(record, indent=1, allow_nan=True).encode())
+        try:
+            entry.mkdir(parents=True, exist_ok=True)
+            if tensors is not None:
+                data = save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+                record["tensors_sha256"] = hashlib.sha256(data).hexdigest()
+                _atomic_write(entry / "tensors.safetensors", data)
+            # result.json last: an entry counts once its JSON is there, and the JSON names its tensors' checksum
+            _atomic_write(entry / "result.json", json.dumps(record, indent=1, allow_nan=True).encode())
+        except OSError as e:  # a read-only or full disk costs the cache, not the run
+            print(f"cache: could not store entry {key[:12]} ({e})")
+            return None
         return entry
 
     def clear(self) -> int:

@@ -196,3 +196,11 @@ def test_clear_cache_removes_entries_only(tiny_config, tiny_task, tmp_path, caps
     assert "cleared 1 cached run " in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "notes"]
     assert C.clear_cache(tmp_path / "missing") == 0
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tiny_config, tiny_task, tmp_path, capsys):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("the cache folder's place is taken by a file")
+    r = _run(_builder(tiny_config, []), tiny_task, C.Cache(blocked, enabled=True))
+    assert not r.cached and r.tensors and "cache: could not store entry" in capsys.readouterr().out
+    assert blocked.read_text().startswith("the cache folder's place")
