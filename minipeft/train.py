@@ -4,10 +4,16 @@ AdamW over the parameters that require gradients (so a PEFT method trains only w
 linear warm-up then cosine decay to 10 % of the peak learning rate, gradient clipping at 1.0,
 cross-entropy on the answer characters only. Deterministic under a seed on the CPU; bf16 autocast
 on CUDA. ``MINIPEFT_QUICK=1`` (set by CI) makes :func:`budget` pick the small numbers.
+
+Nothing is lost on bad input: every argument is checked before the model is touched, a step whose
+loss or gradient is not finite is never applied (training stops with the weights as they were before
+it), and the model's train/eval mode is restored when training fails.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +25,74 @@ from tqdm.auto import tqdm
 from .tasks import IGNORE, Task, encode_batch, exact_match
 
 QUICK = os.environ.get("MINIPEFT_QUICK", "") not in ("", "0")
+SPLITS = ("train", "val", "test")
 
+
+# --- argument checks: each returns the checked value, or raises naming the argument -----------------
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _positive_int(name: str, value) -> int:
+    value = _int(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def _int_in_range(name: str, value, low: int, high: int | None = None) -> int:
+    value = _int(name, value)
+    if value < low or (high is not None and value > high):
+        where = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {where}, got {value}")
+    return value
+
+
+def _finite_float(name: str, value, low: float = -math.inf, strict: bool = False) -> float:
+    """A finite real number ``> low`` (``strict``) or ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        what = "a positive finite number" if strict and low == 0 else f"a finite number {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _device(name: str, value) -> torch.device:
+    """``torch.device(value)``, refused with a clear error if torch does not know it or it is absent."""
+    if not isinstance(value, (str, int, torch.device)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a torch.device or a string like 'cpu' or 'cuda', got {value!r}")
+    try:
+        device = torch.device(value)
+    except RuntimeError as err:
+        raise ValueError(f"{name} {value!r} is not a device torch knows ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} is {value!r} but this machine has no CUDA GPU; use 'cpu' or leave it None")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"{name} is {value!r} but MPS is not available here; use 'cpu' or leave it None")
+    return device
+
+
+def _finite_weights(model: torch.nn.Module) -> None:
+    """Refuse a model with a NaN or infinite parameter: training could never make it finite again."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise ValueError(f"the model's parameter {name!r} has {bad} non-finite value(s) (NaN or inf) "
+                             "before training; load or build the model again")
+
+
+# --- the loop --------------------------------------------------------------------------------------
 
 def budget(default, quick):
     """``quick`` when MINIPEFT_QUICK=1 is set (CI), else ``default``: ``steps = budget(400, 40)``."""
@@ -73,11 +146,37 @@ def loss_fn(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
 
 
+class NonFiniteStep(ValueError):
+    """The loss or the gradient norm of a step was NaN or infinite; the step was not applied."""
+
+
+def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, params,
+               autocast=None, max_norm: float = 1.0) -> float:
+    """One optimisation step: loss, backward, clip the gradient norm to ``max_norm``, ``opt.step()``.
+
+    Returns the loss. Raises :class:`NonFiniteStep` *before* ``opt.step()`` when the loss or the
+    gradient norm is not finite, so a bad step never reaches the weights.
+    """
+    with autocast if autocast is not None else contextlib.nullcontext():
+        loss = loss_fn(model, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    value, norm = torch.stack([loss.detach().float(), norm.float()]).tolist()  # one host sync a step
+    if not (math.isfinite(value) and math.isfinite(norm)):
+        raise NonFiniteStep(f"loss {value}, gradient norm {norm}")
+    opt.step()
+    return value
+
+
 def _texts(task) -> list[str]:
-    tasks = [task] if isinstance(task, Task) else list(task)
+    tasks = [task] if isinstance(task, Task) else list(task) if isinstance(task, (list, tuple)) else []
     if not tasks or not all(isinstance(t, Task) for t in tasks):
-        raise ValueError("task must be a Task from make_task() or a non-empty list of them")
-    return [text for t in tasks for text in t.train]
+        raise ValueError(f"task must be a Task from make_task() or a non-empty list of them, got {task!r:.80}")
+    texts = [text for t in tasks for text in t.train]
+    if not texts:
+        raise ValueError("task has no training examples (an empty train split)")
+    return texts
 
 
 def train(model: torch.nn.Module, task, steps: int = 400, lr: float = 1e-3, batch_size: int = 32,
@@ -87,73 +186,109 @@ def train(model: torch.nn.Module, task, steps: int = 400, lr: float = 1e-3, batc
 
     Only parameters with ``requires_grad`` are optimised. ``warmup`` defaults to 10 % of the steps.
     With ``eval_every > 0`` the exact match on the train and validation splits is recorded every that
-    many steps (and at the end). Returns a :class:`History`.
+    many steps (and at the end). Returns a :class:`History`; the model ends in eval mode with its
+    gradients cleared. On an error the model keeps its train/eval mode; a step with a non-finite loss
+    or gradient norm raises ``ValueError`` and leaves the weights as they were before that step.
     """
-    if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    # every check first: nothing is touched until all arguments are known to be good
+    steps = _positive_int("steps", steps)
+    lr = _finite_float("lr", lr, 0.0, strict=True)
+    batch_size = _positive_int("batch_size", batch_size)
+    seed = _int("seed", seed)
+    warmup = max(1, steps // 10) if warmup is None else _int_in_range("warmup", warmup, 0, steps)
+    weight_decay = _finite_float("weight_decay", weight_decay, 0.0)
+    eval_every = _int_in_range("eval_every", eval_every, 0)
+    progress = _bool("progress", progress)
+    device = default_device() if device is None else _device("device", device)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     texts = _texts(task)
+    tasks = [task] if isinstance(task, Task) else list(task)
+    if eval_every and not all(t.val for t in tasks):
+        raise ValueError("eval_every > 0 needs every task to have validation examples")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (apply a method or full_finetune first)")
-    device = torch.device(device) if device is not None else default_device()
-    model.to(device)
-    warmup = max(1, steps // 10) if warmup is None else warmup
+    _finite_weights(model)
 
+    was_training = model.training
+    try:
+        model.to(device)
+        hist = _loop(model, tasks, texts, params, steps, lr, batch_size, seed, warmup, weight_decay,
+                     eval_every, device, progress)
+    except BaseException:
+        model.train(was_training)
+        raise
+    finally:
+        for p in params:  # the gradients of the last step are not part of the model
+            p.grad = None
+    model.eval()
+    return hist
+
+
+def _loop(model, tasks, texts, params, steps, lr, batch_size, seed, warmup, weight_decay, eval_every,
+          device, progress) -> History:
     torch.manual_seed(seed)  # dropout and anything else random inside the model
     gen = torch.Generator().manual_seed(seed)  # which examples go in which batch
-    X, Y = encode_batch(texts)
+    X, Y = encode_batch(texts)  # encoded once; a step only indexes rows
     lengths = (Y != IGNORE).int().cumsum(1).argmax(1) + 1  # last scored position + 1, per row
+    rows = torch.randint(len(texts), (steps, batch_size), generator=gen)  # every batch, drawn up front
+    T = lengths[rows].amax(1).tolist()  # the length of each batch, without a sync per step
+    X, Y = X.to(device), Y.to(device)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     hist = History()
     model.train()
     for step in tqdm(range(steps), disable=not progress, desc="train", leave=False):
         t0 = time.perf_counter()
-        rows = torch.randint(len(texts), (batch_size,), generator=gen)
-        T = int(lengths[rows].max())
-        x, y = X[rows, :T].to(device), Y[rows, :T].to(device)
+        r = rows[step].to(device)
+        x, y = X[r, :T[step]], Y[r, :T[step]]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        with autocast:
-            loss = loss_fn(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        hist.loss.append(loss.item())
+        try:
+            hist.loss.append(train_step(model, opt, x, y, params, autocast))
+        except NonFiniteStep as err:
+            raise NonFiniteStep(
+                f"training stopped at step {step} (of {steps}): {err} at learning rate {lr_at(step, steps, lr, warmup):.3g}; "
+                "the step was not applied, the weights are those before it. Try a lower lr (e.g. "
+                f"{lr / 10:.3g}) or check that the model's weights and inputs are finite") from None
         hist.seconds += time.perf_counter() - t0
         hist.steps += 1
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             hist.eval_steps.append(step + 1)
-            tasks = [task] if isinstance(task, Task) else task
             hist.train_acc.append(sum(evaluate(model, t, "train") for t in tasks) / len(tasks))
             hist.val_acc.append(sum(evaluate(model, t, "val") for t in tasks) / len(tasks))
             model.train()
-    model.eval()
     return hist
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, task: Task, split: str = "val", batch_size: int = 512,
              max_examples: int | None = 1000) -> float:
-    """Exact-match accuracy in [0, 1] of ``model`` on ``task``'s ``split`` ("val" or "train")."""
+    """Exact-match accuracy in [0, 1] of ``model`` on ``task``'s ``split`` ("val", "train" or "test")."""
     if not isinstance(task, Task):
         raise ValueError(f"evaluate needs a Task from make_task(), got {type(task).__name__}")
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    texts = getattr(task, split)[:max_examples]
+    has = [s for s in SPLITS if getattr(task, s, None) is not None]  # "test" only where the Task has one
+    if split not in has:
+        raise ValueError(f"split must be {' or '.join(map(repr, has))} (the splits of task {task.name!r}), "
+                         f"got {split!r}")
+    texts = getattr(task, split)
+    batch_size = _positive_int("batch_size", batch_size)
+    if max_examples is not None:
+        max_examples = _positive_int("max_examples", max_examples)
+    texts = texts[:max_examples]
+    if not texts:
+        raise ValueError(f"the {split!r} split of task {task.name!r} is empty: nothing to evaluate")
     device = model_device(model)
     was_training = model.training
     model.eval()
     hits = 0.0
-    for i in range(0, len(texts), batch_size):
-        x, y = encode_batch(texts[i:i + batch_size])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x.to(device))
-        hits += exact_match(logits, y.to(device)).sum().item()
-    model.train(was_training)
+    try:
+        for i in range(0, len(texts), batch_size):
+            x, y = encode_batch(texts[i:i + batch_size])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x.to(device))
+            hits += exact_match(logits, y.to(device)).sum().item()
+    finally:
+        model.train(was_training)
     return hits / len(texts)
