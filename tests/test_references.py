@@ -11,7 +11,7 @@ Two details differ from a GPT-2 checkpoint's config and are matched by config, n
 
 * GELU: ours is the exact one, ``0.5 x (1 + erf(x / sqrt 2))`` (``F.gelu``); GPT-2 uses the tanh
   approximation (``gelu_new``). Hence ``activation_function="gelu"``. With ``gelu_new`` the logits of
-  the shipped base move by ~1e-3, a hundred times the tolerance: ``test_tanh_gelu_is_told_apart``.
+  the shipped base move by ~3e-2, far outside the tolerance: ``test_tanh_gelu_is_told_apart``.
 * the head: ours is untied (its own ``vocab x C`` matrix, no bias); GPT-2 ties ``lm_head`` to ``wte``.
   Hence ``tie_word_embeddings=False`` and ``lm_head`` gets our head.
 
@@ -35,8 +35,12 @@ per-layer scaling), causal mask, no dropout at eval. Both models hold the same n
    would learn k and cross terms if trained): that is where the two models part, and why the fair
    parameter-count comparison is the first one.
 
-Tolerances (float32, CPU): logits ``atol=rtol=1e-5`` (the base's logits are O(10); the two routes
-differ by ~1e-6, a wrong GELU by ~1e-3); gradients ``atol=1e-6, rtol=1e-4`` (they are O(1e-3..1e-1)).
+Tolerances (float32, CPU): logits ``atol=rtol=1e-5``, i.e. ``|ours - theirs| <= 1e-5 + 1e-5 |theirs|``
+(the base's logits reach 24; the two routes differ by up to ~1.5e-5 there, a relative 6e-7, because
+GPT-2 multiplies the scores by ``head_dim**-0.5`` where we divide by ``sqrt(head_dim)``; the tanh GELU
+moves them by 3e-2); gradients ``atol=1e-6, rtol=1e-4`` (they reach O(1); the routes differ by < 1e-6).
+Merged against merged uses the logits' tolerance; one model merged against itself unmerged, 1e-4 (two
+float routes through a large random dW: up to 1.4e-5 measured with rsLoRA's scaling 5.66).
 The tests skip only when transformers or peft is missing; nothing here reaches the network.
 """
 import os
@@ -58,6 +62,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 
 LOGITS = dict(atol=1e-5, rtol=1e-5)
 GRADS = dict(atol=1e-6, rtol=1e-4)
+MERGED = dict(atol=1e-4, rtol=1e-4)  # one model merged vs not: (W + dW) x against W x + B A x, dW large here
 R, ALPHA = 8, 16
 
 
@@ -149,18 +154,22 @@ def test_tanh_gelu_is_told_apart():
 
 
 def test_greedy_generation_matches_gpt2():
-    """minGPT's check: the same greedy continuations, token for token (ours with its KV cache)."""
+    """minGPT's check: the same greedy continuations, token for token (ours with its KV cache).
+
+    Per pretraining task, one batch of validation prompts of equal length (so that neither side pads)."""
     model = mp.load_base()
     twin = gpt2_twin(model)
-    tok = mp.tokenizer
+    solved = []
     for name in mp.PRETRAIN_TASKS:
-        for text in mp.make_task(name, seed=0).val[:3]:
-            prompt = torch.tensor([tok.encode(text[:text.index("=") + 1])])
-            ours = model.generate(prompt, max_new_tokens=12)
-            theirs = twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
-                                   do_sample=False)
-            assert torch.equal(ours, theirs), (text, tok.decode(ours[0]), tok.decode(theirs[0]))
-            assert tok.decode(ours[0, prompt.shape[1]:]).startswith(text[text.index("=") + 1:])  # it solves it
+        texts = mp.make_task(name, seed=0).val
+        n = texts[0].index("=") + 1
+        texts = [t for t in texts if t.index("=") + 1 == n][:4]
+        prompt = torch.tensor([mp.tokenizer.encode(t[:n]) for t in texts])  # (B, n)
+        ours = model.generate(prompt, max_new_tokens=12)
+        theirs = twin.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+        assert torch.equal(ours, theirs), (name, [mp.tokenizer.decode(row) for row in theirs])
+        solved += [mp.tokenizer.decode(row[n:]).startswith(t[n:]) for row, t in zip(ours, texts)]
+    assert sum(solved) >= 0.75 * len(solved)  # real answers, not a degenerate continuation
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,8 +197,8 @@ def random_lora(model, seed: int = 0) -> dict:
             for i in range(model.config.n_layer) for p in "qv" for m in "AB"}
 
 
-def ours_with_lora(model, values):
-    mp.add_lora(model, r=R, alpha=ALPHA, targets=("q_proj", "v_proj"))
+def ours_with_lora(model, values, rslora=False):
+    mp.add_lora(model, r=R, alpha=ALPHA, targets=("q_proj", "v_proj"), rslora=rslora)
     params = our_lora(model)
     assert params.keys() == values.keys()
     with torch.no_grad():
@@ -198,10 +207,10 @@ def ours_with_lora(model, values):
     return model
 
 
-def peft_on_ours(model, values):
+def peft_on_ours(model, values, rslora=False):
     """PEFT's LoRA on our own GPT: the same layers, the same shapes."""
     ref = peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"],
-                                                     lora_dropout=0.0))
+                                                     lora_dropout=0.0, use_rslora=rslora))
     layers = ref.base_model.model.blocks
     with torch.no_grad():
         for (i, p, m), value in values.items():
@@ -223,11 +232,12 @@ def peft_on_twin(twin, values, C):
     return ref
 
 
-def test_lora_matches_peft_on_our_gpt(capsys):
+@pytest.mark.parametrize("rslora", [False, True])  # scaling alpha / r = 2, or alpha / sqrt(r) = 5.66
+def test_lora_matches_peft_on_our_gpt(capsys, rslora):
     x, y = task_batch()
     values = random_lora(mp.load_base())
-    ours = ours_with_lora(mp.load_base(), values)
-    ref = peft_on_ours(mp.load_base(), values)
+    ours = ours_with_lora(mp.load_base(), values, rslora)
+    ref = peft_on_ours(mp.load_base(), values, rslora)
 
     # the printed line: PEFT's own count on the same model
     mp.print_trainable_parameters(ours)
@@ -263,7 +273,7 @@ def test_lora_matches_peft_on_our_gpt(capsys):
                 assert len(mine) == 1
                 torch.testing.assert_close(mine[0], theirs, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(ours(x), merged(x), **LOGITS)
-        torch.testing.assert_close(ours(x), ref_logits, **LOGITS)  # merging changes nothing
+        torch.testing.assert_close(ours(x), ours_logits, **MERGED)  # merging changes nothing
 
 
 def test_print_line_by_hand(capsys):
@@ -313,4 +323,4 @@ def test_lora_matches_peft_on_gpt2_twin(capsys):
         merged = ref.merge_and_unload()
         torch.testing.assert_close(ours(x), merged(input_ids=x).logits, **LOGITS)
         mp.unmerge_lora(ours)
-        torch.testing.assert_close(ours(x), ours_logits, **LOGITS)
+        torch.testing.assert_close(ours(x), ours_logits, **MERGED)
