@@ -258,9 +258,7 @@ def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr
     hist = train(model, task, steps, lr, batch_size, seed=seed, warmup=warmup, weight_decay=weight_decay,
                  eval_every=eval_every, device=device, progress=progress)
     val = evaluate(model, task, "val", max_examples=eval_examples)
-    # evaluate() scores "train" or "val": the test split is scored as the val split of a copy
-    test = evaluate(model, dataclasses.replace(task, val=task.test), "val",
-                    max_examples=eval_examples) if task.test else None
+    test = evaluate(model, task, "test", max_examples=eval_examples) if task.test else None
     trainable, total = trainable_parameters(model)
     tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     metrics = dict(val=val, test=test, seconds=hist.seconds, trainable=trainable, total=total)
