@@ -226,7 +226,7 @@ def _cache(cache) -> Cache:
 
 def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr: float, steps: int,
         batch_size: int = 32, warmup: int | None = None, weight_decay: float = 0.0, eval_every: int = 0,
-        eval_examples: int = 1000, device=None, keep_tensors: bool = False, cache=None,
+        eval_examples: int | None = 1000, device=None, keep_tensors: bool = False, cache=None,
         progress: bool = False) -> RunResult:
     """Train ``build()`` (a fresh model with the method applied; ``spec`` describes it as JSON) on
     ``task`` and score it, or load the same run from the cache. ``cache``: None = the default
@@ -243,6 +243,8 @@ def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     device = torch.device(device) if device is not None else default_device()
     warmup = max(1, steps // 10) if warmup is None else warmup  # train()'s default, made explicit for the key
+    largest = max(len(task.val), len(task.test))
+    eval_examples = largest if eval_examples is None else min(eval_examples, largest)  # more changes nothing
     args = dict(seed=seed, lr=float(lr), steps=steps, batch_size=batch_size, warmup=warmup,
                 weight_decay=float(weight_decay), eval_every=eval_every, eval_examples=eval_examples)
     inputs, cache = run_inputs(spec, task, args, device), _cache(cache)

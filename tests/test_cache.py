@@ -204,3 +204,14 @@ def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_run(tiny_config,
     r = _run(_builder(tiny_config, []), tiny_task, C.Cache(blocked, enabled=True))
     assert not r.cached and r.tensors and "cache: could not store entry" in capsys.readouterr().out
     assert blocked.read_text().startswith("the cache folder's place")
+
+
+def test_equivalent_arguments_share_an_entry(tiny_config, tiny_task, tmp_path):
+    calls, cache = [], C.Cache(tmp_path, enabled=True)
+    args = dict(seed=0, lr=0.01, steps=10, batch_size=8, device="cpu", cache=cache)
+    first = P.run(SPEC, _builder(tiny_config, calls), tiny_task, warmup=None, eval_examples=None, **args)
+    # warmup None is train()'s default (10 % of the steps); 32 val and 32 test examples: 32, 100 or all the same
+    for same in (dict(warmup=1, eval_examples=32), dict(warmup=None, eval_examples=100)):
+        assert P.run(SPEC, _builder(tiny_config, calls), tiny_task, **same, **args).cached
+    assert not P.run(SPEC, _builder(tiny_config, calls), tiny_task, warmup=1, eval_examples=16, **args).cached
+    assert len(calls) == 2 and not first.cached
