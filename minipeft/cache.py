@@ -3,9 +3,9 @@
 A run's result depends on everything that went into it, so the key is the SHA-256 of a canonical JSON
 (sorted keys) of all of it: the method's spec, the task (name, seed, split sizes and a digest of its
 examples), the training arguments (seed, learning rate, steps, batch size, warm-up, weight decay, ...),
-a hash of the library's own source files (a change to the schedule or a method changes every key),
-the torch version, the device and the number of CPU threads (CPU results are reproducible per thread
-count only).
+a hash of the library's own source files (a change to the schedule or a method changes every key)
+and of the shipped base checkpoint, the torch version, the device and the number of CPU threads (CPU
+results are reproducible per thread count only).
 
 An entry is a folder ``<key>/`` with ``result.json`` (metrics, history, the key's inputs, a checksum
 of the tensors file) and ``tensors.safetensors`` (the trained tensors, when a run kept them; never
@@ -56,6 +56,19 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
+def base_hash() -> str | None:
+    """SHA-256 over the shipped base checkpoint's files (a re-made base changes every result), or None."""
+    from . import base  # at call time: MINIPEFT_BASE may point elsewhere
+    files = sorted(Path(base.BASE_DIR).glob("*")) if Path(base.BASE_DIR).is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def canonical(obj) -> str:
     """The one JSON text of ``obj``: sorted keys, no spaces (so dict order never changes a key)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
@@ -77,7 +90,8 @@ def run_inputs(spec: dict, task, train_args: dict, device: torch.device) -> dict
         "task": {"name": task.name, "seed": task.seed, "n_train": len(task.train), "n_val": len(task.val),
                  "n_test": len(task.test), "examples_sha256": hashlib.sha256(texts.encode()).hexdigest()},
         "train": train_args,
-        "code": source_hash(), "torch": torch.__version__, "device": where, "threads": torch.get_num_threads(),
+        "code": source_hash(), "base": base_hash(),
+        "torch": torch.__version__, "device": where, "threads": torch.get_num_threads(),
     }
 
 

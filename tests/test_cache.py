@@ -45,6 +45,9 @@ def test_key_changes_with_code_torch_and_threads(monkeypatch):
     monkeypatch.setattr(C, "source_hash", lambda: "0" * 64)
     assert C.key_of(_inputs()) != key
     monkeypatch.undo()
+    monkeypatch.setattr(C, "base_hash", lambda: "1" * 64)  # a re-made base checkpoint
+    assert C.key_of(_inputs()) != key
+    monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     assert C.key_of(_inputs()) != key
     monkeypatch.undo()
@@ -61,6 +64,18 @@ def test_key_ignores_what_changes_no_result():
     assert C.key_of(_inputs(spec=reordered)) == key == C.key_of(_inputs(spec=as_tuple))
     assert C.key_of(_inputs(lr=1e-2)) == key                                    # the same float
     assert C.key_of(_inputs()) == key                                           # a fresh, equal task
+
+
+def test_base_hash_follows_the_checkpoint_files(tmp_path, monkeypatch):
+    from minipeft import base
+    assert C.base_hash() is not None  # the shipped checkpoint
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(base, "BASE_DIR", tmp_path)
+    h = C.base_hash()
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    assert C.base_hash() != h
+    monkeypatch.setattr(base, "BASE_DIR", tmp_path / "missing")
+    assert C.base_hash() is None
 
 
 def test_source_hash_follows_python_files_only(tmp_path, monkeypatch):
