@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import minipeft as mp
-from helpers import copy_of, state
+from helpers import assert_close_and_sensitive, copy_of, state
 
 ACT = {"swish": F.silu, "relu": F.relu, "gelu": F.gelu}
 
@@ -24,16 +24,19 @@ def randomise_up(model, seed=0):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def by_hand(base, adapted, x, name="default"):
-    """The base model's blocks, with adapter(h) = h + delta(h) applied to each adapted sublayer's output."""
+def by_hand(base, adapted, x, name="default", residual=True):
+    """The base model's blocks, with adapter(h) = h + delta(h) applied to each adapted sublayer's output.
+
+    ``residual=False`` builds a wrong result (the adapter's own skip connection forgotten: delta(h) alone)."""
+    keep = 1.0 if residual else 0.0
     h = base.tok_emb(x) + base.pos_emb(torch.arange(x.shape[1]))
     for block, ablock in zip(base.blocks, adapted.blocks):
         a = block.attn(block.ln_1(h))
         if isinstance(ablock.attn.o_proj, mp.AdaptedLinear):
-            a = a + delta_by_hand(ablock.attn.o_proj.adapters[name], a)
+            a = keep * a + delta_by_hand(ablock.attn.o_proj.adapters[name], a)
         h = h + a
         m = block.mlp(block.ln_2(h))
-        h = h + m + delta_by_hand(ablock.mlp.fc_out.adapters[name], m)
+        h = h + keep * m + delta_by_hand(ablock.mlp.fc_out.adapters[name], m)
     return base.head(base.ln_f(h))
 
 
@@ -44,6 +47,7 @@ def test_zero_up_projection_is_the_identity(tiny_model, placement):
     mp.add_adapters(tiny_model, bottleneck=4, placement=placement)
     adapter = tiny_model.blocks[0].mlp.fc_out.adapters["default"]
     h = torch.randn(3, 5, 32)
+    # bit-equal by construction: up = 0 adds exact zeros to the same base kernel's output
     assert torch.equal(adapter(h), h)
     assert torch.equal(tiny_model(x), before)
 
@@ -57,7 +61,8 @@ def test_forward_equals_hand_computation(tiny_model, placement, activation):
     assert tiny_model.blocks[0].mlp.fc_out.adapters["default"].config.activation == expected
     x = torch.randint(1, 41, (3, 10))
     with torch.no_grad():
-        torch.testing.assert_close(tiny_model(x), by_hand(reference, tiny_model, x), atol=1e-5, rtol=1e-5)
+        assert_close_and_sensitive(tiny_model(x), by_hand(reference, tiny_model, x),
+                                   wrong=by_hand(reference, tiny_model, x, residual=False))
 
 
 @pytest.mark.parametrize("placement,per_layer", [("houlsby", 2), ("pfeiffer", 1)])
@@ -85,7 +90,7 @@ def test_base_names_unchanged_gradients_only_adapters_base_bit_for_bit(tiny_mode
     mp.train(tiny_model, mp.make_task("rotate", n_train=64, n_val=8), steps=3, lr=1e-2, batch_size=8,
              device="cpu", progress=False)
     after = tiny_model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # frozen tensors, untouched
 
 
 def test_two_adapters_switch_stack_average_delete(tiny_model):
@@ -100,22 +105,24 @@ def test_two_adapters_switch_stack_average_delete(tiny_model):
     assert trainable == {"b"}  # the newest is active and the only one that trains
     with torch.no_grad():
         mp.set_adapters(tiny_model, "a")
-        torch.testing.assert_close(tiny_model(x), by_hand(reference, tiny_model, x, "a"), atol=1e-5, rtol=1e-5)
+        assert_close_and_sensitive(tiny_model(x), by_hand(reference, tiny_model, x, "a"),
+                                   wrong=by_hand(reference, tiny_model, x, "b"))  # the other adapter
         layer = tiny_model.blocks[1].mlp.fc_out
         a, b = layer.adapters["a"], layer.adapters["b"]
         h = torch.randn(2, 3, 32)
-        mp.set_adapters(tiny_model, ["a", "b"], combine="stack")
         z = h + delta_by_hand(a, h)
-        torch.testing.assert_close(layer.adapt(h), z + delta_by_hand(b, z))
+        stacked, averaged = z + delta_by_hand(b, z), h + (delta_by_hand(a, h) + delta_by_hand(b, h)) / 2
+        mp.set_adapters(tiny_model, ["a", "b"], combine="stack")  # a mistake would be to combine the other way
+        assert_close_and_sensitive(layer.adapt(h), stacked, wrong=averaged)
         mp.set_adapters(tiny_model, ["a", "b"], combine="average")
-        torch.testing.assert_close(layer.adapt(h), h + (delta_by_hand(a, h) + delta_by_hand(b, h)) / 2)
+        assert_close_and_sensitive(layer.adapt(h), averaged, wrong=stacked)
         mp.set_adapters(tiny_model, None)
-        assert torch.equal(tiny_model(x), base_out)
+        assert torch.equal(tiny_model(x), base_out)  # no adapter in use: the same kernels as before
     mp.delete_adapter(tiny_model, "a")
     mp.delete_adapter(tiny_model, "b")
     assert mp.list_adapters(tiny_model) == [] and type(tiny_model.blocks[0].mlp.fc_out) is nn.Linear
     assert tiny_model.state_dict().keys() == reference.state_dict().keys()
-    assert torch.equal(tiny_model(x), base_out)
+    assert torch.equal(tiny_model(x), base_out)  # the plain layers back: the same kernels as before
 
 
 @pytest.mark.parametrize("kwargs,message", [
