@@ -16,6 +16,17 @@ def tiny_task():
     return mp.make_task("rotate", seed=0, n_train=64, n_val=32, n_test=32)
 
 
+SOURCE_HASH = C.source_hash  # the real one, for the test of the hash itself
+
+
+@pytest.fixture(autouse=True)
+def fixed_code(monkeypatch):
+    """Pin the source hash for the length of a test: an edit to the library while the tests run would
+    (rightly) change the key between two runs of one test."""
+    frozen = SOURCE_HASH()
+    monkeypatch.setattr(C, "source_hash", lambda: frozen)
+
+
 SPEC = {"method": "lora", "r": 2, "targets": ["q_proj", "v_proj"]}
 ARGS = dict(seed=0, lr=0.01, steps=4, batch_size=8, warmup=1, weight_decay=0.0, eval_every=0, eval_examples=32)
 
@@ -40,20 +51,15 @@ def test_key_changes_with_each_input(change):
     assert C.key_of(_inputs(**change)) != C.key_of(_inputs())
 
 
-def test_key_changes_with_code_torch_and_threads(monkeypatch):
+def test_key_changes_with_code_base_torch_and_threads(monkeypatch):
     key = C.key_of(_inputs())
-    monkeypatch.setattr(C, "source_hash", lambda: "0" * 64)
-    assert C.key_of(_inputs()) != key
-    monkeypatch.undo()
-    monkeypatch.setattr(C, "base_hash", lambda: "1" * 64)  # a re-made base checkpoint
-    assert C.key_of(_inputs()) != key
-    monkeypatch.undo()
-    monkeypatch.setattr(torch, "__version__", "0.0.1")
-    assert C.key_of(_inputs()) != key
-    monkeypatch.undo()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
-    assert C.key_of(_inputs()) != key
-    monkeypatch.undo()
+    for obj, name, value in [(C, "source_hash", lambda: "0" * 64),   # an edited library file
+                             (C, "base_hash", lambda: "1" * 64),     # a re-made base checkpoint
+                             (torch, "__version__", "0.0.1"),
+                             (torch, "get_num_threads", lambda: 97)]:
+        with monkeypatch.context() as m:
+            m.setattr(obj, name, value)
+            assert C.key_of(_inputs()) != key, name
     assert C.key_of(_inputs()) == key
 
 
@@ -83,11 +89,11 @@ def test_source_hash_follows_python_files_only(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.py").write_text("y = 2\n")
     monkeypatch.setattr(C, "PACKAGE", tmp_path)
-    h = C.source_hash()
+    h = SOURCE_HASH()
     (tmp_path / "notes.txt").write_text("not code")
-    assert C.source_hash() == h
+    assert SOURCE_HASH() == h
     (tmp_path / "sub" / "b.py").write_text("y = 3\n")
-    assert C.source_hash() != h
+    assert SOURCE_HASH() != h
 
 
 # --- runs through the cache ----------------------------------------------------------------------------
