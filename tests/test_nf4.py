@@ -1,5 +1,6 @@
 """NF4 quantisation, checked against the published code book, hand computations, error bounds and bitsandbytes."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_pack_unpack_all_256_bytes():
     packed, state = nf4.quantize(x, blocksize=512)
     assert state.absmax.tolist() == [1.0]
     assert torch.equal(packed, byte)
-    assert torch.equal(nf4.dequantize(packed, state), x)
+    assert torch.equal(nf4.dequantize(packed, state), x)  # exact: each value is a level times absmax 1
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
@@ -116,7 +117,7 @@ def test_property_round_trip(x, blocksize, dtype, double_quant):
     blocks = torch.nn.functional.pad(xf, (0, -n % blocksize)).view(-1, blocksize)
     absmax = blocks.abs().amax(1)
     if not double_quant:
-        assert torch.equal(state.absmax, absmax)
+        assert torch.equal(state.absmax, absmax)  # a max is one of the values: exact by either route
     # per element: half the widest NF4 gap times the block's absmax (plus the absmax's own 8-bit error
     # under double quantisation), plus the rounding to the output dtype
     absmax_hat = state.block_absmax()
@@ -133,6 +134,7 @@ def test_very_large_and_all_zero():
     x[64:128] = -1e-30
     packed, state = nf4.quantize(x)
     x_hat = nf4.dequantize(packed, state)
+    # exact: every value is ±absmax, decoded as level ±1 times absmax
     assert torch.equal(x_hat[:64], x[:64]) and torch.equal(x_hat[64:128], x[64:128])
     assert torch.all(x_hat[128:] == 0) and state.absmax.tolist()[2:] == [0.0, 0.0]
 
@@ -164,9 +166,11 @@ def test_bits_per_parameter_from_stored_bytes():
 
 @pytest.mark.parametrize("bad, error, match", [
     (torch.arange(10), TypeError, "floating-point"),
+    (torch.zeros(3, dtype=torch.complex64), TypeError, "floating-point"),
     (torch.zeros(0), ValueError, "empty"),
     (torch.tensor([1.0, float("nan")]), ValueError, "NaN"),
     (torch.tensor([1.0, float("inf")]), ValueError, "infinite"),
+    (torch.tensor([-float("inf"), 1.0], dtype=torch.bfloat16), ValueError, "infinite"),
     ([1.0, 2.0], TypeError, "torch.Tensor"),
 ])
 def test_bad_input(bad, error, match):
@@ -176,15 +180,118 @@ def test_bad_input(bad, error, match):
 
 @pytest.mark.parametrize("blocksize", [0, -64, 48, 64.0, True, None])
 def test_bad_blocksize(blocksize):
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="blocksize must be a positive power of two"):
         nf4.quantize(torch.randn(64), blocksize=blocksize)
 
 
-def test_bad_quant_type_and_foreign_state():
-    with pytest.raises(ValueError, match="quant_type"):
-        nf4.quantize(torch.randn(64), quant_type="int8")
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(quant_type="int8"), ValueError, "quant_type must be one of"),
+    (dict(quant_type=["nf4"]), ValueError, "quant_type must be one of"),
+    (dict(quant_type=None), ValueError, "quant_type must be one of"),
+    (dict(double_quant="yes"), TypeError, "double_quant must be True or False"),
+    (dict(double_quant=1), TypeError, "double_quant must be True or False"),
+])
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nf4.quantize(torch.randn(64), **kwargs)
+
+
+# --- a state that does not match its bytes is refused -----------------------------------------------------
+# Each row alters one thing of a (packed, state) pair made by quantize() of 200 values in blocks of 64
+# (4 blocks, the last one partial; 100 bytes) and names the field the error message must name.
+
+def _set(**fields):
+    def alter(packed, state):
+        for k, v in fields.items():
+            setattr(state, k, v)
+        return packed
+    return alter
+
+
+def _edit(name, fn):
+    def alter(packed, state):
+        setattr(state, name, fn(getattr(state, name)))
+        return packed
+    return alter
+
+
+def _first(t, value):
+    t = t.clone()
+    t.view(-1)[0] = value
+    return t
+
+
+ALTERATIONS = [  # (id, double_quant, alter(packed, state) -> packed, text the message must contain)
+    ("quant_type-other-codebook", False, _set(quant_type="fp4"), "state.quant_type"),
+    ("quant_type-unknown", False, _set(quant_type="int8"), "state.quant_type"),
+    ("quant_type-not-a-string", False, _set(quant_type=4), "state.quant_type"),
+    ("dtype-other-float", False, _set(dtype=torch.bfloat16), "state.dtype"),
+    ("dtype-integer", False, _set(dtype=torch.int32), "state.dtype"),
+    ("dtype-not-a-dtype", False, _set(dtype="float32"), "state.dtype"),
+    ("blocksize-other-power-of-two", False, _set(blocksize=32), "state.blocksize"),
+    ("blocksize-not-power-of-two", False, _set(blocksize=48), "state.blocksize"),
+    ("blocksize-bool", False, _set(blocksize=True), "state.blocksize"),
+    ("blocksize-float", False, _set(blocksize=64.0), "state.blocksize"),
+    ("shape-other-numel", False, _set(shape=torch.Size((10, 21))), "state.shape"),
+    ("shape-same-numel", False, _set(shape=torch.Size((20, 10))), "state.shape"),
+    ("shape-empty", False, _set(shape=torch.Size((0,))), "state.shape"),
+    ("shape-negative", False, _set(shape=(-200,)), "state.shape"),
+    ("absmax-too-few", False, _edit("absmax", lambda t: t[:3]), "state.absmax"),
+    ("absmax-wrong-dtype", False, _edit("absmax", lambda t: t.double()), "state.absmax"),
+    ("absmax-nan", False, _edit("absmax", lambda t: _first(t, float("nan"))), "state.absmax"),
+    ("absmax-inf", False, _edit("absmax", lambda t: _first(t, float("inf"))), "state.absmax"),
+    ("absmax-negative", False, _edit("absmax", lambda t: -t), "state.absmax"),
+    ("absmax-changed", False, _edit("absmax", lambda t: t * 1.5), "state.absmax"),
+    ("packed-one-byte", False, lambda p, s: _first(p, (int(p[0]) + 1) % 256), "packed"),
+    ("packed-other-tensor", False, lambda p, s: nf4.quantize(torch.randn(200) + 5)[0], "packed"),
+    ("packed-shorter", False, lambda p, s: p[:-1], "packed"),
+    ("dq-fields-added-to-plain", False, _set(offset=torch.tensor(0.5), absmax2=torch.ones(1)),
+     "state.offset and state.absmax2 are set"),
+    ("dq-absmax2-removed", True, _set(absmax2=None), "state.absmax2"),
+    ("dq-offset-removed", True, _set(offset=None), "state.offset"),
+    ("dq-both-removed", True, _set(offset=None, absmax2=None), "state.offset and state.absmax2 are None"),
+    ("dq-absmax2-too-many", True, _edit("absmax2", lambda t: t.repeat(2)), "state.absmax2"),
+    ("dq-absmax2-nan", True, _edit("absmax2", lambda t: _first(t, float("nan"))), "state.absmax2"),
+    ("dq-absmax2-negative", True, _edit("absmax2", lambda t: -t), "state.absmax2"),
+    ("dq-absmax2-changed", True, _edit("absmax2", lambda t: t * 2), "state.absmax2"),
+    ("dq-offset-inf", True, _set(offset=torch.tensor(float("inf"))), "state.offset"),
+    ("dq-offset-changed", True, _edit("offset", lambda t: t + 0.25), "state.offset"),
+    ("dq-offset-two-values", True, _edit("offset", lambda t: t.repeat(2)), "state.offset"),
+    ("dq-absmax-codes-changed", True, _edit("absmax", lambda t: _first(t, (int(t[0]) + 1) % 256)), "state.absmax"),
+    ("dq-absmax-float", True, _edit("absmax", lambda t: t.float()), "state.absmax"),
+]
+
+
+@pytest.mark.parametrize("double_quant, alter, field", [a[1:] for a in ALTERATIONS], ids=[a[0] for a in ALTERATIONS])
+def test_altered_state_is_refused(double_quant, alter, field):
+    torch.manual_seed(0)
+    x = torch.randn(10, 20)
+    packed, state = nf4.quantize(x, blocksize=64, double_quant=double_quant)
+    nf4.dequantize(packed, state)  # the pair as quantize() made it decodes
+    packed = alter(packed, state)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        nf4.dequantize(packed, state)
+
+
+@pytest.mark.parametrize("alter, field", [
+    (_set(quant_type="int8"), "state.quant_type"),
+    (_set(dtype=torch.int32), "state.dtype"),
+    (_set(blocksize=32), "state.absmax"),
+    (_set(absmax2=None), "state.offset and state.absmax2"),
+])
+def test_fields_checked_without_record_and_without_check(alter, field):
+    # a state built by hand (no record, as the 4-bit layer builds it) and check=False still get the
+    # checks that need only the fields
+    packed, state = nf4.quantize(torch.randn(200), double_quant=True)
+    state.record = None
+    alter(packed, state)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        nf4.dequantize(packed, state, check=False)
+
+
+def test_foreign_state_and_wrong_types():
     a, state_a = nf4.quantize(torch.randn(128))
-    b, state_b = nf4.quantize(torch.randn(128))
+    b, _ = nf4.quantize(torch.randn(128))
     c, _ = nf4.quantize(torch.randn(100))
     with pytest.raises(ValueError, match="another tensor"):
         nf4.dequantize(c, state_a)  # wrong size
@@ -192,6 +299,17 @@ def test_bad_quant_type_and_foreign_state():
         nf4.dequantize(b, state_a)  # same size, other values
     with pytest.raises(TypeError, match="QuantState"):
         nf4.dequantize(a, {"absmax": state_a.absmax})
+    with pytest.raises(TypeError, match="packed must be the uint8 tensor"):
+        nf4.dequantize(a.int(), state_a)
+
+
+def test_checksum_is_a_sum_of_int32_words():
+    # hand-computed: bytes 1, 2, 3, 4 | 5 are the little-endian words 0x04030201 and 0x00000005
+    # (the native order of every CPU PyTorch runs on here)
+    t = torch.tensor([1, 2, 3, 4, 5], dtype=torch.uint8)
+    assert nf4.checksum(t) == 0x04030201 + 5
+    assert nf4.checksum(t[1:]) == 0x05040302  # an unaligned slice is copied, not misread
+    assert nf4.checksum(torch.tensor([1.0])) == 0x3F800000  # the fp32 bit pattern of 1.0
 
 
 # --- bitsandbytes, an independent implementation (its CPU backend) ------------------------------------
@@ -213,9 +331,14 @@ def test_packed_bytes_equal_bitsandbytes(bnb_functional, quant_type, shape, dtyp
     x = (torch.randn(shape) * 3).to(dtype)
     ref_packed, ref_state = bnb_functional.quantize_4bit(x, blocksize=64, quant_type=quant_type)
     packed, state = nf4.quantize(x, blocksize=64, quant_type=quant_type)
+    # codes and bytes are whole numbers; an absmax is a max, exact in any implementation: bit equality
     assert torch.equal(packed, ref_packed.view(-1))
     assert torch.equal(state.absmax, ref_state.absmax)
-    assert torch.equal(nf4.dequantize(packed, state), bnb_functional.dequantize_4bit(ref_packed, ref_state))
+    # decoding: our look-up and multiply in PyTorch vs bitsandbytes' C kernel, two routes to level · absmax.
+    # Tolerance: one rounding to the output dtype; a wrong level is off by >= 8 % of absmax.
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(nf4.dequantize(packed, state), bnb_functional.dequantize_4bit(ref_packed, ref_state),
+                               rtol=eps, atol=0)
 
 
 def test_double_quant_matches_bitsandbytes(bnb_functional):
@@ -224,6 +347,8 @@ def test_double_quant_matches_bitsandbytes(bnb_functional):
     ref_packed, ref = bnb_functional.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
     packed, state = nf4.quantize(x, blocksize=64, double_quant=True)
     assert torch.equal(packed, ref_packed.view(-1))
+    # offset: the same torch mean of the same (bit-equal) absmax in both; absmax2: a max, exact anywhere;
+    # the 8-bit map: a code book, exactly representable by construction
     assert torch.equal(state.offset, ref.offset) and torch.equal(state.absmax2, ref.state2.absmax)
     assert torch.equal(nf4.DYNAMIC, bnb_functional.create_dynamic_map())
     # bitsandbytes' compiled CPU 8-bit kernel rounds a value lying within ~1e-5 of a bin edge either
