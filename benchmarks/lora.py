@@ -5,8 +5,9 @@ time LoRA / full fine-tuning, on the toy model and on a larger configuration.
     python benchmarks/lora.py --quick    # under a minute
 
 Goals (issue 4): merged LoRA forward / base forward <= 1.02; LoRA train step / full step < 1.
-Timings are interleaved (base, unmerged, merged, ... in turn, many short rounds) and the median of
-the per-round ratios is reported, so a machine that is busy with other work slows every variant alike.
+Timings are interleaved (base, unmerged, merged, ... in turn, many short rounds; ``timing.py``) and the
+median of the per-round ratios is reported, so a machine busy with other work slows every variant alike.
+The train step is ``minipeft.train.train_step``, the one ``mp.train`` takes.
 """
 from __future__ import annotations
 
@@ -15,29 +16,10 @@ import copy
 import statistics
 
 import torch
-import torch.nn.functional as F
-from torch.utils import benchmark
+from timing import interleaved, ratio
 
 import minipeft as mp
-
-
-def side_by_side(fns: dict, rounds: int, seconds: float) -> dict:
-    """Seconds per call of each function, ``{name: [one figure per round]}``.
-
-    Each round times every function in turn (torch.utils.benchmark, ``number`` calls sized to take about
-    ``seconds``), so a burst of other work on the machine hits all variants of one round alike.
-    """
-    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}) for name, fn in fns.items()}
-    number = {name: max(1, int(seconds / t.timeit(3).median)) for name, t in timers.items()}  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, t in timers.items():
-            times[name].append(t.timeit(number[name]).median)
-    return times
-
-
-def ratio(times: dict, a: str, b: str) -> float:
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+from minipeft.train import train_step
 
 
 def lora_model(base: torch.nn.Module, targets) -> torch.nn.Module:
@@ -49,17 +31,11 @@ def lora_model(base: torch.nn.Module, targets) -> torch.nn.Module:
     return model.eval()
 
 
-def train_step(model, x, y):
+def step_of(model, x, y):
+    """One training step of ``model`` on ``(x, y)``, the very step ``mp.train`` takes."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step():
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+    return lambda: train_step(model, opt, x, y, params)
 
 
 def run(name: str, base: torch.nn.Module, batch: int, T: int, rounds: int, seconds: float):
@@ -76,16 +52,16 @@ def run(name: str, base: torch.nn.Module, batch: int, T: int, rounds: int, secon
             err = (merged(x) - unmerged(x)).abs().max().item()
             fns = {m: (lambda mod=mod: mod(x)) for m, mod in
                    dict(base=base, unmerged=unmerged, merged=merged, unloaded=unloaded).items()}
-            t = side_by_side(fns, rounds, seconds)
+            t = interleaved(fns, rounds, seconds=seconds, warmup=3)
         label = "q,v" if targets != "all-linear" else "all-linear"
         print(f"  forward, LoRA r=8 on {label:10s}  base {1e3 * statistics.median(t['base']):7.2f} ms | "
               f"unmerged / base {ratio(t, 'unmerged', 'base'):.3f} | merged / base {ratio(t, 'merged', 'base'):.3f}"
               f" | merged+unloaded / base {ratio(t, 'unloaded', 'base'):.3f} | max |merged - unmerged| {err:.1e}")
     full = mp.full_finetune(copy.deepcopy(base)).train()
-    steps = {"full": train_step(full, x, y)}
+    steps = {"full": step_of(full, x, y)}
     for targets in [("q_proj", "v_proj"), "all-linear"]:
-        steps[str(targets)] = train_step(lora_model(base, targets).train(), x, y)
-    t = side_by_side(steps, rounds, seconds)
+        steps[str(targets)] = step_of(lora_model(base, targets).train(), x, y)
+    t = interleaved(steps, rounds, seconds=seconds, warmup=3)
     print(f"  train step: full fine-tuning {1e3 * statistics.median(t['full']):7.2f} ms | "
           f"LoRA q,v / full {ratio(t, str(('q_proj', 'v_proj')), 'full'):.3f} | "
           f"LoRA all-linear / full {ratio(t, 'all-linear', 'full'):.3f}")
