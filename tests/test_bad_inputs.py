@@ -141,7 +141,7 @@ ROWS = [
       call=lambda m, c: mp.train(m, c, steps=1, progress=False), error=ValueError, match="no trainable parameters"),
     R(id="train-task-name-not-task", setup=_nothing, call=lambda m, c: mp.train(m, "rotate", steps=1),
       error=ValueError, match="task must be a Task"),
-    R(id="evaluate-unknown-split", setup=_task, call=lambda m, c: mp.evaluate(m, c, split="test"),
+    R(id="evaluate-unknown-split", setup=_task, call=lambda m, c: mp.evaluate(m, c, split="dev"),
       error=ValueError, match="split must be 'train' or 'val'"),
     R(id="evaluate-not-a-task", setup=_nothing, call=lambda m, c: mp.evaluate(m, "rotate"), error=ValueError,
       match="evaluate needs a Task"),

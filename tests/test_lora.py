@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import minipeft as mp
+from helpers import assert_close_and_sensitive
 
 
 def _x(config, batch=3, T=7, seed=1):
@@ -41,7 +42,7 @@ def test_starts_exactly_at_the_base(tiny_model, tiny_config, targets, rslora):
     x = _x(tiny_config)
     before = tiny_model(x)
     mp.add_lora(tiny_model, r=4, alpha=8, targets=targets, dropout=0.1, rslora=rslora).eval()
-    assert torch.equal(tiny_model(x), before)  # B = 0, so the update is exactly zero
+    assert torch.equal(tiny_model(x), before)  # B = 0: the same base kernels plus exact zeros
 
 
 def test_initialisation_as_peft():
@@ -76,7 +77,9 @@ def test_closed_form(shape, rslora):
     s = 5.0 / (math.sqrt(3) if rslora else 3)
     W, b, A, B = (t.detach().double() for t in (base.weight, base.bias, layer.lora_A, layer.lora_B))
     want = x.double() @ W.T + b + s * (x.double() @ A.T @ B.T)
-    assert torch.allclose(layer(x).double(), want, atol=1e-5)
+    s_wrong = 5.0 / (3 if rslora else math.sqrt(3))  # a realistic mistake: the other scaling rule
+    wrong = x.double() @ W.T + b + s_wrong * (x.double() @ A.T @ B.T)
+    assert_close_and_sensitive(layer(x).double(), want, wrong=wrong)
 
 
 def test_wraps_any_linear_like_module():
@@ -90,7 +93,8 @@ def test_wraps_any_linear_like_module():
     nn.init.ones_(layer.lora_B)
     x = torch.ones(1, 6)
     # 2 x + 1 * B A x, with B all ones: every output gets sum(A @ x)
-    assert torch.allclose(layer(x), 2 * x + (layer.lora_A @ x.T).sum(), atol=1e-6)
+    # wrong: scaling alpha instead of alpha / r (here 2 instead of 1)
+    assert_close_and_sensitive(layer(x), 2 * x + (layer.lora_A @ x.T).sum(), wrong=2 * x + 2 * (layer.lora_A @ x.T).sum())
 
 
 def test_dropout_only_in_training():
@@ -155,34 +159,48 @@ def test_targets(tiny_model, targets, expected):
 # --- merging --------------------------------------------------------------------------------------------
 
 
+def _with_scaling_one(model, x):
+    """The output a merge that forgot the scaling would give (W + B A instead of W + scaling B A)."""
+    adapters = [m.adapters[m.active] for m in mp.lora_layers(model).values()]
+    scalings = [a.scaling for a in adapters]
+    for a in adapters:
+        a.scaling = 1.0
+    try:
+        return model(x)
+    finally:
+        for a, s in zip(adapters, scalings):
+            a.scaling = s
+
+
+# merged and unmerged are the same maths through different kernels (W' x vs W x + B A x): a tolerance
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
 def test_merge_unmerge(tiny_model, tiny_config, targets):
     x = _x(tiny_config)
     weights = {n: m.weight.clone() for n, m in tiny_model.named_modules() if isinstance(m, nn.Linear)}
     mp.add_lora(tiny_model, r=4, alpha=8, targets=targets)
     _randomise_lora(tiny_model)
-    unmerged = tiny_model(x)
+    unmerged, forgot_scaling = tiny_model(x), _with_scaling_one(tiny_model, x)
     mp.merge_lora(tiny_model)
     layer = next(iter(mp.lora_layers(tiny_model).values()))
     # the merged weight is W + scaling B A
     name = next(iter(mp.lora_layers(tiny_model)))
-    want = weights[name] + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()
-    assert torch.allclose(layer.base_layer.weight, want, atol=1e-6)
-    assert torch.allclose(tiny_model(x), unmerged, atol=1e-5)
+    BA = layer.lora_B.detach() @ layer.lora_A.detach()
+    assert_close_and_sensitive(layer.base_layer.weight, weights[name] + 2.0 * BA, wrong=weights[name] + BA)
+    assert_close_and_sensitive(tiny_model(x), unmerged, wrong=forgot_scaling)
     mp.unmerge_lora(tiny_model)
-    for n, m in mp.lora_layers(tiny_model).items():
-        assert torch.allclose(m.base_layer.weight, weights[n], atol=1e-6)
-    assert torch.allclose(tiny_model(x), unmerged, atol=1e-5)
+    for n, m in mp.lora_layers(tiny_model).items():  # W + dW - dW: W up to one rounding of W + dW
+        torch.testing.assert_close(m.base_layer.weight, weights[n], atol=1e-6, rtol=0)
+    assert_close_and_sensitive(tiny_model(x), unmerged, wrong=forgot_scaling)
 
 
 def test_merge_and_unload_is_a_plain_model(tiny_model, tiny_config):
     x = _x(tiny_config)
     mp.add_lora(tiny_model, r=4, alpha=8)
     _randomise_lora(tiny_model)
-    unmerged = tiny_model(x)
+    unmerged, forgot_scaling = tiny_model(x), _with_scaling_one(tiny_model, x)
     mp.unload_lora(mp.merge_lora(tiny_model))
     assert not mp.lora_layers(tiny_model) and type(tiny_model.blocks[0].attn.q_proj) is nn.Linear
-    assert torch.allclose(tiny_model(x), unmerged, atol=1e-5)
+    assert_close_and_sensitive(tiny_model(x), unmerged, wrong=forgot_scaling)
 
 
 class Frozen4bitLike(nn.Module):
@@ -282,9 +300,9 @@ def test_named_adapters(tiny_model, tiny_config):
     assert mp.trainable_parameters(tiny_model)[0] == 2 * 2 * 4 * 64
     out_a = tiny_model(x)
     assert not torch.allclose(out_a, out_b, atol=1e-3)
-    with mp.disable_lora(tiny_model):
+    with mp.disable_lora(tiny_model):  # the bare base layers: the same kernels as for base_out
         assert torch.equal(tiny_model(x), base_out)
-    assert torch.equal(tiny_model(x), out_a)  # back on leaving the context
+    assert torch.equal(tiny_model(x), out_a)  # back on leaving the context (the same kernels again)
     with pytest.raises(ValueError, match="no LoRA adapter named 'c'"):
         mp.set_lora_adapter(tiny_model, "c")
     mp.delete_lora_adapter(tiny_model, "a")
@@ -307,8 +325,10 @@ def test_mixed_batch_equals_separate_runs(tiny_model, tiny_config, names):
         separate[None] = tiny_model(x)
     with mp.lora_adapter_per_row(tiny_model, names):
         mixed = tiny_model(x)
+    # one batch, each adapter on its own rows (index_add): other matmul shapes than the separate runs
+    other = {"a": "b", "b": "a", None: "a"}  # a realistic mistake: a row served by another adapter
     for row, name in enumerate(names):
-        assert torch.allclose(mixed[row], separate[name][row], atol=1e-5), (row, name)
+        assert_close_and_sensitive(mixed[row], separate[name][row], wrong=separate[other[name]][row])
     with pytest.raises(ValueError, match="2 adapter names for a batch of 4 rows"):
         with mp.lora_adapter_per_row(tiny_model, ["a", "b"]):
             tiny_model(x)
