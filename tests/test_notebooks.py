@@ -3,6 +3,7 @@
 (nbval runs them; this checks what a reader sees on GitHub or a course site without running them.)
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,25 @@ def test_notebook_opens_with_versions_and_a_title(path):
     assert "".join(first_md["source"]).lstrip().startswith("# ")
     first_code = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
     assert "torch.__version__" in first_code and "QUICK" in first_code
+
+
+# nbval compares the output of a "# NBVAL_CHECK_OUTPUT" cell character by character, so such a cell may print
+# only what is the same on every CPU and thread count (counts, shapes, code books, seeded draws): never the
+# result of training, evaluation, a measurement or a clock, whose last digits move with the summation order
+MEASURED = re.compile(r"\b(train|train_step|evaluate|exact_match|token_accuracy|solve|measure_memory|"
+                      r"perf_counter|monotonic|time\.time)\s*\(")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_compared_cells_print_nothing_that_depends_on_the_cpu(path):
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "code" and "NBVAL_CHECK_OUTPUT" in source:
+            assert not MEASURED.search(source), f"cell {i} is compared by nbval but runs {MEASURED.search(source)[0]}"
+
+
+def test_the_measured_pattern_catches_a_training_cell():
+    assert MEASURED.search("history = mp.train(model, task, steps=10)")
+    assert MEASURED.search("acc = mp.evaluate(model, task)") and MEASURED.search("t0 = time.perf_counter()")
+    assert not MEASURED.search("mp.print_trainable_parameters(model)")  # counts are exact
