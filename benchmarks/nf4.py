@@ -11,6 +11,10 @@
     python benchmarks/nf4.py --size 4096 --repeat 5
 
 Timings are the median of ``--repeat`` runs after a warm-up; use ``OMP_NUM_THREADS`` to fix the threads.
+Our quantiser's comparisons run on one thread (small cache-sized chunks), bitsandbytes' ``bucketize``
+on all of them: compare at ``OMP_NUM_THREADS=1`` for the work done, at the default for wall time.
+Dequantise times depend a lot on the allocator (a fresh 4-byte-per-value output each call) and on
+other load on the machine: read them as ranges over a few runs.
 Every quantiser's bytes are compared with bitsandbytes' and the line says whether they are identical.
 """
 from __future__ import annotations

@@ -97,7 +97,7 @@ def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     (crossing edge j moves from the code of level j to that of level j+1; all steps are 1 for NF4).
     Counted in fp32 (``gt`` into an fp32 buffer, then ``add_``) these are vectorised float ops; on the
     CPU they run over chunks of 32K values, which stay in the cache and are small enough that PyTorch
-    runs each op on one thread (no thread start-up 30 times a chunk). On one thread that is ~6x
+    runs each op on one thread (no thread start-up 30 times a chunk). On one thread that is ~5x
     faster than bucketize and ~2.5x faster than counting in bool/uint8 (``benchmarks/nf4.py``).
     """
     order = torch.argsort(code, stable=True)                           # the j-th level has code order[j]
