@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from timing import interleaved, median, ratio
 
 import minipeft as mp
-from minipeft.train import loss_fn
+from minipeft.train import train_step
 
 METHODS = {  # name: (apply, learning rates to sweep)
     "full fine-tuning": (mp.full_finetune, (3e-4, 1e-3, 3e-3)),
@@ -49,24 +49,9 @@ def step_times(task, batch_size: int, rounds: int) -> dict:
     for name in METHODS:
         model = make(name, 0).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-
-        def step(model=model, opt=opt, params=params):
-            loss = loss_fn(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        step()  # warm-up
-        steps[name] = step
-    times = {name: [] for name in METHODS}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(5):
-                step()
-            times[name].append((time.perf_counter() - t0) / 5)
-    return times
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+        steps[name] = lambda model=model, opt=opt, params=params: train_step(model, opt, x, y, params)
+    return interleaved(steps, rounds, number=5)
 
 
 def main(argv=None):
@@ -101,14 +86,14 @@ def main(argv=None):
     full = "full fine-tuning"
     print(f"\n{'method':30s} {'trainable':>10s} {'% of base':>9s} {'lr':>6s} {'exact match':>14s} {'step / full':>11s}")
     for name, r in results.items():
-        ratio = statistics.median(a / b for a, b in zip(times[name], times[full]))
+        step_ratio = ratio(times, name, full)
         acc = f"{statistics.mean(r['accs']):.3f} ± {statistics.pstdev(r['accs']):.3f}"
         print(f"{name:30s} {r['trainable']:>10,d} {100 * r['trainable'] / n_base:>8.3f}% {r['lr']:>6g} {acc:>14s} "
-              f"{ratio:>10.2f}x")
+              f"{step_ratio:>10.2f}x")
     folded = mp.fold_prefix(make("prefix tuning (10, reparam)", 0))
     n_folded = mp.trainable_parameters(folded)[0]
     print(f"(prefix after folding the reparameterisation: {n_folded:,} parameters, {100 * n_folded / n_base:.2f}%)")
-    print(f"(full fine-tuning step: {1000 * statistics.median(times[full]):.0f} ms; std over seeds is the population std)")
+    print(f"(full fine-tuning step: {1000 * median(times, full):.0f} ms; std over seeds is the population std)")
 
 
 if __name__ == "__main__":
