@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
+from timing import interleaved
 
 import minipeft as mp
 
@@ -95,13 +95,8 @@ def time_ways(n_tasks: int, batch: int, new_tokens: int, repeats: int) -> dict[s
     # mixed and per-task batches must give the same answers, else the timing would compare different work
     assert torch.equal(lora_mixed(), lora_per_task()), "LoRA: mixed batch and per-task batches disagree"
     assert torch.equal(ways["prefix mixed"](), ways["prefix per task"]()), "prefix: mixed and per task disagree"
-    seconds = {k: [] for k in ways}
-    with torch.inference_mode():
-        for _ in range(repeats):  # interleaved: every way sees the same machine load
-            for k, f in ways.items():
-                t0 = time.perf_counter()
-                f()
-                seconds[k].append(time.perf_counter() - t0)
+    with torch.inference_mode():  # interleaved: every way sees the same machine load
+        seconds = interleaved(ways, repeats, number=1)
     return {k: batch / statistics.median(v) for k, v in seconds.items()}
 
 
