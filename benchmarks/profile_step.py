@@ -134,10 +134,12 @@ def main(argv=None):
               f"{fb - fwd:7.1f} {step - fb:7.1f} {i['ops']:8d} {i['trainable']:7d} {i['tokens']:6d} "
               f"{i['act'] / 2**20:10.2f}")
     print("(fwd: the loss; bwd: fwd+bwd minus fwd; optim: the step minus fwd+bwd = clipping + AdamW; "
-          "tensors: trainable parameter tensors AdamW loops over)")
+          "tensors: trainable parameter tensors AdamW loops over; a difference of medians, so a small one "
+          "can come out slightly negative)")
     if args.ops:
         for name in METHODS:
-            print(f"\n{name}: top operators by self CPU time per step")
+            print(f"\n{name}: top operators by self time per step (wall clock under the profiler, which "
+                  "slows small operators: compare counts and order, not the milliseconds with the table)")
             for key, count, t in info[name]["top"]:
                 print(f"  {key:40s} x{count:<4d} {t:7.2f} ms")
     o = loop_overhead(task, args.batch_size, steps=10 if args.quick else 40, repeats=2 if args.quick else 3)
