@@ -16,19 +16,14 @@ from .train import QUICK, History, budget, default_device, evaluate, train
 from .full import freeze, full_finetune, print_trainable_parameters, trainable_parameters
 from .base import base_report, load_base, pretrain
 
-# --- prompt tuning (prompt.py) ---
+# --- the methods, each in its own file, listed in one registry (methods.py) ---
 from .prompt import PromptTuningConfig, SoftPrompt, add_prompt_tuning
-# --- prefix tuning (prefix.py) ---
-from .prefix import (Prefix, PrefixTuning, PrefixTuningConfig, add_prefix_tuning, delete_prefix, fold_prefix,
-                     list_prefixes, set_prefix)
-# --- adapters (adapter.py) ---
-from .adapter import (AdaptedLinear, Adapter, AdapterConfig, add_adapters, delete_adapter, list_adapters,
-                      set_adapters)
-# --- LoRA (lora.py) ---
-from .lora import (LoRAAdapter, LoRAConfig, LoRALinear, add_lora, find_targets, linear_layers,
-                   lora_layers, merge_lora, subspace_similarity, unmerge_lora)
-from .lora_multi import (active_lora_adapter, delete_lora_adapter, disable_lora, lora_adapter_per_row,
-                         lora_adapters, set_lora_adapter, unload_lora)
+from .prefix import Prefix, PrefixTuning, PrefixTuningConfig, add_prefix_tuning, fold_prefix
+from .adapter import AdaptedLinear, Adapter, AdapterConfig, add_adapters, compose_adapters
+from .lora import (LoRAAdapter, LoRAConfig, LoRALinear, add_lora, find_targets, linear_layers, lora_layers,
+                   merge_lora, subspace_similarity, unload_lora, unmerge_lora)
+from .methods import (METHODS, active_adapter, adapter_per_row, delete_adapter, disable_adapter, list_adapters,
+                      methods_in, set_adapter)
 # --- NF4 and QLoRA (nf4.py, qlora.py) ---
 from . import nf4
 from .qlora import Linear4bit, NF4Config, dequantize_nf4, linear4bit_layers, quantize_nf4

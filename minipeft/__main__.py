@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         report = pretrain(args.out or BASE_DIR, **overrides)
         print(json.dumps(report, indent=2))
     if args.command == "compare":
-        from .compare import main as compare
+        from .report import main as compare
         return compare(args, argv)
     return 0
 

@@ -14,18 +14,19 @@ Module surgery, without editing the model: the output projection of each adapted
 weight and bias tensors, under the same names, and runs its adapters on its output. So the base's
 ``state_dict`` keys do not change, and "after attention" is exactly "after ``o_proj``".
 
-Several named adapters (one per task) can live in one model: :func:`set_adapters` chooses one, none,
-or several composed, either stacked (``a2(a1(h))``) or averaged (``h + mean_i delta_i(h)``, AdapterHub's
-Stack and Average blocks). Adding an adapter under a name the model already has is an error.
+Several named adapters (one per task) can live in one model, chosen with ``mp.set_adapter`` and friends
+(:mod:`minipeft.methods`); :func:`compose_adapters` runs several at once, either stacked (``a2(a1(h))``)
+or averaged (``h + mean_i delta_i(h)``, AdapterHub's Stack and Average blocks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import Method, adapter_name, integer, one_of, positive_int, replace_module
 from .full import freeze
 from .model import GPT
 
@@ -43,14 +44,12 @@ class AdapterConfig:
     seed: int = 0                   # initialisation of the down-projections
 
     def __post_init__(self):
-        if not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool) or self.bottleneck <= 0:
-            raise ValueError(f"bottleneck must be a positive integer, got {self.bottleneck!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"unknown placement {self.placement!r}; choose one of {tuple(PLACEMENTS)}")
+        positive_int("bottleneck", self.bottleneck)
+        one_of("placement", self.placement, PLACEMENTS)
         if self.activation is None:
             self.activation = DEFAULT_ACTIVATION[self.placement]
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {tuple(ACTIVATIONS)}")
+        one_of("activation", self.activation, ACTIVATIONS)
+        integer("seed", self.seed)
 
 
 class Adapter(nn.Module):
@@ -111,13 +110,8 @@ class AdaptedLinear(nn.Module):
                 f"active={self.active}, combine={self.combine!r}")
 
 
-def adapted_layers(model: nn.Module) -> list[AdaptedLinear]:
-    return [m for m in model.modules() if isinstance(m, AdaptedLinear)]
-
-
-def list_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters in ``model``, in the order they were added."""
-    return list(dict.fromkeys(n for layer in adapted_layers(model) for n in layer.adapters))
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 
 def add_adapters(model: GPT, bottleneck: int = 16, placement: str = "houlsby", name: str = "default",
@@ -125,59 +119,76 @@ def add_adapters(model: GPT, bottleneck: int = 16, placement: str = "houlsby", n
     """Freeze ``model`` and insert bottleneck adapters (Houlsby or Pfeiffer placement); returns the model.
 
     Adding adapters under a new ``name`` keeps the earlier ones and makes the new one active (and the
-    only trainable one); compose them with :func:`set_adapters`.
+    only trainable one); run several at once with :func:`compose_adapters`.
     """
     config = AdapterConfig(bottleneck, placement, activation, seed)  # validates the options
     if not isinstance(model, GPT):
         raise TypeError(f"add_adapters needs a minipeft GPT, got {type(model).__name__}")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"an adapter name must be a Python identifier (like 'rotate'), got {name!r}")
-    if name in list_adapters(model):
-        raise ValueError(f"the model already has an adapter named {name!r}; pick another name or delete_adapter() it")
-    if hasattr(nn.ModuleDict(), name):
-        raise ValueError(f"{name!r} cannot be an adapter name (it is taken by nn.ModuleDict)")
-    freeze(model)
-    with torch.random.fork_rng(devices=[]):
+    adapter_name(name)
+    if name in _names(model):
+        raise ValueError(f"the model already has an adapter named {name!r}; pick another name or "
+                         f"mp.delete_adapter() it")
+    where = [f"blocks.{i}.{path}" for i in range(len(model.blocks)) for path in PLACEMENTS[placement]]
+    new = {}
+    with torch.random.fork_rng(devices=[]):  # allocate first: if memory runs out, the model is untouched
         torch.manual_seed(seed)
-        for block in model.blocks:
-            for path in PLACEMENTS[placement]:
-                parent_name, child_name = path.split(".")
-                parent = getattr(block, parent_name)
-                layer = getattr(parent, child_name)
-                if not isinstance(layer, AdaptedLinear):  # the surgery: o_proj / fc_out -> AdaptedLinear
-                    layer = AdaptedLinear(layer)
-                    setattr(parent, child_name, layer)
-                layer.adapters[name] = Adapter(layer.out_features, config).to(layer.weight)
-    return set_adapters(model, name)
+        for w in where:
+            layer = model.get_submodule(w)
+            new[w] = Adapter(layer.out_features, config).to(layer.weight)
+    freeze(model)
+    for w in where:  # the surgery: o_proj / fc_out -> AdaptedLinear
+        layer = model.get_submodule(w)
+        if not isinstance(layer, AdaptedLinear):
+            layer = AdaptedLinear(layer)
+            replace_module(model, w, layer)
+        layer.adapters[name] = new[w]
+    compose_adapters(model, [name])
+    return model
 
 
-def set_adapters(model: GPT, names: str | list[str] | None, combine: str = "stack") -> GPT:
-    """Use one adapter (a name), several composed (a list, ``combine="stack"`` or ``"average"``), or none.
-
-    The adapters in use become trainable, the others are frozen (as PEFT's ``set_adapter`` does).
-    """
-    used = [] if names is None else [names] if isinstance(names, str) else list(names)
-    unknown = sorted(set(used) - set(list_adapters(model)))
+def compose_adapters(model: GPT, names: list[str], combine: str = "stack") -> GPT:
+    """Run several adapters at once, ``combine="stack"`` (``a2(a1(h))``) or ``"average"``; they all train."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"names must be a list of adapter names, got {names!r}")
+    unknown = sorted(set(names) - set(_names(model)))
     if unknown:
-        raise ValueError(f"unknown adapter name(s) {unknown}; the model has {list_adapters(model)}")
-    if combine not in COMBINES:
-        raise ValueError(f"unknown combine {combine!r}; choose one of {COMBINES}")
-    for layer in adapted_layers(model):
-        layer.active, layer.combine = used, combine
+        raise ValueError(f"unknown adapter name(s) {unknown}; the model has {_names(model)}")
+    one_of("combine", combine, COMBINES)
+    for layer in adapted_layers(model).values():
+        layer.active, layer.combine = list(names), combine
         for n, adapter in layer.adapters.items():
-            adapter.requires_grad_(n in used)
+            adapter.requires_grad_(n in names)
     return model
 
 
-def delete_adapter(model: GPT, name: str) -> GPT:
+# --- bookkeeping: named adapters, what a file holds -----------------------------------------------------
+
+
+def _names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(n for layer in adapted_layers(model).values() for n in layer.adapters))
+
+
+def _active(model: nn.Module) -> str | None:
+    active = next(iter(adapted_layers(model).values())).active
+    return active[0] if len(active) == 1 else None
+
+
+def _delete(model: GPT, name: str) -> None:
     """Remove adapter ``name``; a layer left without adapters becomes a plain ``nn.Linear`` again."""
-    if name not in list_adapters(model):
-        raise ValueError(f"unknown adapter name {name!r}; the model has {list_adapters(model)}")
-    for parent in list(model.modules()):
-        for child_name, layer in list(parent.named_children()):
-            if isinstance(layer, AdaptedLinear) and name in layer.adapters:
-                del layer.adapters[name]
-                layer.active = [n for n in layer.active if n != name]
-                if not layer.adapters:
-                    setattr(parent, child_name, layer.to_linear())
-    return model
+    for where, layer in adapted_layers(model).items():
+        if name in layer.adapters:
+            del layer.adapters[name]
+            layer.active = [n for n in layer.active if n != name]
+            if not layer.adapters:
+                replace_module(model, where, layer.to_linear())
+
+
+def _parts(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    return {w: m.adapters[name] for w, m in adapted_layers(model).items() if name in m.adapters}
+
+
+METHOD = Method("adapter", AdapterConfig, add_adapters, names=_names, parts=_parts,
+                options=lambda model, name: asdict(next(iter(_parts(model, name).values())).config),
+                owned=(Adapter,), active=_active,
+                set_active=lambda model, name: compose_adapters(model, [] if name is None else [name]),
+                delete=_delete)

@@ -21,57 +21,58 @@ import copy
 import math
 import statistics
 import tempfile
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from .base import load_base
-from .full import full_finetune
-from .adapter import add_adapters
-from .lora import add_lora
+from .io import base_fingerprint, save_adapter
 from .memory import MemoryBreakdown, measure_memory
 from .memory_formula import predict_memory
-from .io import save_adapter
-from .io_methods import base_fingerprint
-from .prefix import add_prefix_tuning, fold_prefix
-from .prompt import add_prompt_tuning
+from .methods import METHODS
+from .prefix import fold_prefix
 from .qlora import quantize_nf4
 from .tasks import PRETRAIN_TASKS, encode_batch, make_task
 from .train import QUICK, evaluate, train
 
 
 @dataclass(frozen=True)
-class Method:
-    """One row of the table: how to apply the method, its learning-rate range, its formula options."""
+class Setting:
+    """One row of the table: a method of the registry (``minipeft.METHODS``) with its options, on a
+    full-precision or a 4-bit base, and the learning rates its sweep tries."""
     key: str
     label: str
-    apply: Callable                 # apply(model, seed) -> model
-    lrs: tuple[float, ...]          # the sweep
-    formula: tuple[str, dict]       # (method, options) for predict_memory
+    method: str                                  # a key of minipeft.METHODS
+    lrs: tuple[float, ...]
+    options: dict = field(default_factory=dict)  # for its add_* function (its config's other fields: defaults)
+    nf4: bool = False                            # quantise the base first: LoRA on it is QLoRA
+
+    def apply(self, model, seed: int):
+        """Apply the setting to ``model``; ``seed`` seeds what the method initialises at random."""
+        if self.nf4:
+            quantize_nf4(model)
+        config = METHODS[self.method].config
+        seeded = config is not None and "seed" in config.__dataclass_fields__
+        return METHODS[self.method].add(model, **self.options, **({"seed": seed} if seeded else {}))
+
+    @property
+    def formula(self) -> tuple[str, dict]:
+        """``(method, options)`` for :func:`minipeft.predict_memory`."""
+        return ("qlora" if self.nf4 else self.method), dict(self.options)
 
 
-def _qlora(model, seed):
-    return add_lora(quantize_nf4(model), r=8, alpha=16, targets="all-linear")
-
-
-METHODS = {m.key: m for m in [
-    Method("full", "Full fine-tuning", lambda m, s: full_finetune(m), (1e-3, 3e-3, 1e-2), ("full", {})),
-    Method("prompt", "Prompt tuning (20 tokens)", lambda m, s: add_prompt_tuning(m, n_tokens=20, seed=s),
-           (3e-2, 1e-1, 3e-1), ("prompt", {"n_tokens": 20})),  # 0.3 is Lester et al.'s rate
-    Method("prefix", "Prefix tuning (10, reparam)", lambda m, s: add_prefix_tuning(m, n_prefix=10, seed=s),
-           (3e-3, 1e-2, 3e-2), ("prefix", {"n_prefix": 10})),
-    Method("adapter", "Adapters (Houlsby, 16)", lambda m, s: add_adapters(m, bottleneck=16, seed=s),
-           (1e-2, 3e-2, 1e-1), ("adapter", {"bottleneck": 16})),
-    Method("lora_qv", "LoRA r=8 (q, v)", lambda m, s: add_lora(m, r=8, alpha=16), (3e-3, 1e-2, 3e-2),
-           ("lora", {"r": 8})),
-    Method("lora_all", "LoRA r=8 (all linear)", lambda m, s: add_lora(m, r=8, alpha=16, targets="all-linear"),
-           (3e-3, 1e-2, 3e-2), ("lora", {"r": 8, "targets": "all-linear"})),
-    Method("qlora", "QLoRA r=8 (NF4, all linear)", _qlora, (3e-3, 1e-2, 3e-2),
-           ("qlora", {"r": 8, "targets": "all-linear"})),
+SETTINGS = {s.key: s for s in [
+    Setting("full", "Full fine-tuning", "full", (1e-3, 3e-3, 1e-2)),
+    Setting("prompt", "Prompt tuning (20 tokens)", "prompt", (3e-2, 1e-1, 3e-1),  # 0.3: Lester et al.'s rate
+            {"n_tokens": 20}),
+    Setting("prefix", "Prefix tuning (10, reparam)", "prefix", (3e-3, 1e-2, 3e-2), {"n_prefix": 10}),
+    Setting("adapter", "Adapters (Houlsby, 16)", "adapter", (1e-2, 3e-2, 1e-1), {"bottleneck": 16}),
+    Setting("lora_qv", "LoRA r=8 (q, v)", "lora", (3e-3, 1e-2, 3e-2), {"r": 8}),
+    Setting("lora_all", "LoRA r=8 (all linear)", "lora", (3e-3, 1e-2, 3e-2), {"r": 8, "targets": "all-linear"}),
+    Setting("qlora", "QLoRA r=8 (NF4, all linear)", "lora", (3e-3, 1e-2, 3e-2), {"r": 8, "targets": "all-linear"},
+            nf4=True),
 ]}
 
 
@@ -82,7 +83,7 @@ class CompareConfig:
     seeds: int = 3
     sweep_steps: int = 100          # per learning rate of the sweep (seed 0)
     batch_size: int = 32
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = tuple(SETTINGS)  # keys of SETTINGS
     device: str | None = None       # default: the GPU if there is one
     eval_examples: int = 500        # validation examples for the accuracy
     forgetting_examples: int = 200  # per pretraining task
@@ -94,9 +95,9 @@ class CompareConfig:
                       **overrides})
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in SETTINGS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(SETTINGS)}")
         for name in ("steps", "seeds", "sweep_steps", "batch_size", "eval_examples", "forgetting_examples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -140,14 +141,13 @@ class MethodResult:
         return 100 * self.trainable / self.base_params
 
 
-def checkpoint_bytes(model, key: str) -> int:
+def checkpoint_bytes(model, method: str) -> int:
     """Bytes on disk of what one task needs: the two files of ``save_adapter`` (a prefix is folded
     first: the reparameterisation MLP is dropped after training, as in the paper)."""
-    kind = {"lora_qv": "lora", "lora_all": "lora", "qlora": "lora"}.get(key, key)
-    if kind == "prefix":
+    if method == "prefix":
         model = fold_prefix(copy.deepcopy(model))
     with tempfile.TemporaryDirectory() as d:
-        save_adapter(model, d, method=kind)
+        save_adapter(model, d, method=method)
         return sum(f.stat().st_size for f in Path(d).iterdir())
 
 
@@ -157,9 +157,9 @@ def pretrain_accuracy(model, n: int, tasks=None) -> float:
     return statistics.fmean(evaluate(model, t, max_examples=n) for t in tasks)
 
 
-def _fresh(method: Method, seed: int, device):
+def _fresh(setting: Setting, seed: int, device):
     torch.manual_seed(seed)  # the random parts a method adds (LoRA's A, adapters) follow the seed
-    return method.apply(load_base(device=device), seed)
+    return setting.apply(load_base(device=device), seed)
 
 
 def run_comparison(config: CompareConfig | None = None, progress: bool = True) -> list[MethodResult]:
@@ -172,7 +172,7 @@ def run_comparison(config: CompareConfig | None = None, progress: bool = True) -
     base_params = sum(p.numel() for p in base.parameters())
     pretrain = [make_task(t, 0) for t in PRETRAIN_TASKS]
     base_pretrain = pretrain_accuracy(base, config.forgetting_examples, pretrain)
-    methods = [METHODS[k] for k in config.methods]
+    methods = [SETTINGS[k] for k in config.methods]
     total = sum(len(m.lrs) * config.sweep_steps + config.seeds * config.steps for m in methods)
     bar = tqdm(total=total, desc="compare", unit="step", disable=not progress)
     results = []
@@ -206,103 +206,6 @@ def run_comparison(config: CompareConfig | None = None, progress: bool = True) -
             method.key, method.label, lr, sweep, accs, losses, forgot, kept, trainable, base_params,
             measure_memory(model, config.batch_size, seq_len),
             predict_memory(model.config, name, config.batch_size, seq_len, compute_dtype="fp32", **options),
-            checkpoint_bytes(model, method.key), statistics.fmean(seconds)))
+            checkpoint_bytes(model, method.method), statistics.fmean(seconds)))
     bar.close()
     return results
-
-
-# --- the table ------------------------------------------------------------------------------------
-
-COLUMNS = ("method", "trainable params", "trainable %", "train memory (MB)", "accuracy", "std across seeds",
-           "failed runs", "forgetting", "base unchanged", "checkpoint (kB)", "step time (ms)", "lr")
-
-
-def table_rows(results: list[MethodResult]) -> list[dict]:
-    """One dict per method with the table's columns, as printed."""
-    return [{
-        "method": r.label,
-        "trainable params": f"{r.trainable:,}",
-        "trainable %": f"{r.percent:.3g}",
-        "train memory (MB)": f"{r.memory.total / 2 ** 20:.1f}",
-        "accuracy": f"{r.mean:.3f} ± {r.std:.3f}",
-        "std across seeds": f"{r.std:.3f}",
-        "failed runs": f"{r.failed}/{len(r.accuracies)}",
-        "forgetting": f"{statistics.fmean(r.forgetting):+.3f}",
-        "base unchanged": f"{sum(r.base_unchanged)}/{len(r.base_unchanged)}",
-        "checkpoint (kB)": f"{r.checkpoint_bytes / 1000:,.1f}",
-        "step time (ms)": f"{1000 * r.step_time:.1f}",
-        "lr": f"{r.lr:g}",
-    } for r in results]
-
-
-def markdown_table(results: list[MethodResult]) -> str:
-    rows = table_rows(results)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def machine() -> str:
-    """One line describing where the numbers were measured."""
-    import os
-    import platform
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return (f"{device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {platform.system()}")
-
-
-def write_outputs(results: list[MethodResult], out_dir, config: CompareConfig, command: str,
-                  seconds: float) -> dict[str, Path]:
-    """Write ``comparison.md`` (table, command, machine), ``comparison.csv`` and ``comparison.png`` to ``out_dir``."""
-    import csv
-    from .plots import plot_comparison
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "comparison.md", "csv": out / "comparison.csv", "png": out / "comparison.png"}
-    paths["md"].write_text(
-        f"{markdown_table(results)}\n\nTask `{config.task}`, {config.steps} steps of batch {config.batch_size} "
-        f"per run, {config.seeds} seeds, learning rate from a sweep of {config.sweep_steps} steps per value. "
-        f"Memory: one measured training step (weights + gradients + AdamW state + activations) at batch "
-        f"{config.batch_size}. Forgetting: drop of mean exact match on {', '.join(PRETRAIN_TASKS)} with the "
-        f"adapter on. Base unchanged: runs whose base tensors are bit-for-bit those before training (the "
-        f"adapter switched off gives back the base, forgetting 0).\n\n"
-        f"Command: `{command}`  \nMachine: {machine()}  \nWall time: {seconds / 60:.1f} min\n", encoding="utf-8")
-    with paths["csv"].open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "key", "trainable", "trainable_percent", "memory_bytes", "weights_bytes",
-                         "gradients_bytes", "optimizer_bytes", "activations_bytes", "predicted_memory_bytes",
-                         "accuracy_mean", "accuracy_std", "accuracies", "failed", "forgetting_mean",
-                         "base_unchanged", "checkpoint_bytes", "step_time_s", "lr", "sweep"])
-        for r in results:
-            m = r.memory
-            writer.writerow([r.label, r.key, r.trainable, f"{r.percent:.4f}", m.total, m.weight_bytes, m.gradients,
-                             m.optimizer, m.activations, r.predicted.total, f"{r.mean:.4f}", f"{r.std:.4f}",
-                             " ".join(f"{a:.4f}" for a in r.accuracies), r.failed,
-                             f"{statistics.fmean(r.forgetting):.4f}", sum(r.base_unchanged), r.checkpoint_bytes, f"{r.step_time:.5f}",
-                             r.lr, " ".join(f"{k:g}:{a:.3f}" for k, (a, _) in r.sweep.items())])
-    fig = plot_comparison(results)
-    fig.savefig(paths["png"], dpi=120, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return paths
-
-
-def main(args, argv=None) -> int:
-    """The ``compare`` subcommand (arguments parsed in ``minipeft/__main__.py``)."""
-    import sys
-    overrides = {k: v for k, v in dict(seeds=args.seeds, device=args.device, steps=args.steps,
-                                       sweep_steps=args.sweep_steps, task=args.task,
-                                       eval_examples=args.eval_examples, forgetting_examples=args.eval_examples,
-                                       methods=tuple(args.methods) if args.methods else None).items()
-                 if v is not None}
-    config = CompareConfig.quick(**overrides) if args.quick else CompareConfig(**overrides)
-    t0 = time.perf_counter()
-    results = run_comparison(config, progress=not args.no_progress)
-    seconds = time.perf_counter() - t0
-    print(markdown_table(results))
-    print(f"\n{len(results)} methods in {seconds / 60:.1f} min on {machine()}")
-    if args.out:
-        command = "python -m minipeft " + " ".join(sys.argv[1:] if argv is None else argv)
-        paths = write_outputs(results, args.out, config, command, seconds)
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from .common import Method
+
 
 def freeze(model: nn.Module) -> nn.Module:
     """Set ``requires_grad=False`` on every parameter of ``model`` (the first step of every PEFT method)."""
@@ -44,3 +46,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
     """Print counts in PEFT's format: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330``."""
     trainable, total = trainable_parameters(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+# --- bookkeeping: full fine-tuning has no adapter: a file holds every tensor of the model (see io.py) -----
+
+METHOD = Method("full", None, full_finetune, names=lambda model: [], parts=lambda model, name: {},
+                options=lambda model, name: {})

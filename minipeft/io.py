@@ -6,35 +6,49 @@ One fine-tuned task is one folder holding two files (the layout PEFT uses):
   ``GPTConfig`` and a fingerprint of the base weights;
 * ``adapter_model.safetensors``: the trained tensors and nothing else.
 
-The fingerprint (:func:`~minipeft.io_methods.base_fingerprint`, a SHA-256 over the base tensors
-inside the model, without any method's own) identifies the frozen base the method was applied to; what
-each method saves and how it is rebuilt lives in :mod:`minipeft.io_methods`. A merged LoRA is refused
-(its update sits inside the base weights): unmerge it first. Full fine-tuning is saved the same way
-(method ``"full"``: every tensor) so that bytes on disk compare honestly; it has no fingerprint, as it
-replaces every weight.
+What each method saves (its tensors, and the options that rebuild it) is written in its own file (its
+``METHOD`` entry); this module is the orchestrator: the file format, the fingerprint, the checks. A merged
+LoRA is refused (its update sits inside the base weights): unmerge it first. Full fine-tuning is saved
+the same way (method ``"full"``: every tensor) so that bytes on disk compare honestly; it has no
+fingerprint, as it replaces every weight.
 
-Loading validates everything before it touches the base: the JSON's keys and values, the base's
-config, a trial application of the method to a copy of the base, the fingerprint, and every tensor's
-name, shape, dtype and finiteness. Only JSON and safetensors are read, never a pickle, so a file
-cannot run code; a file that is not what it claims is refused with an error naming the problem.
+The base inside an adapted model is its state dict without the modules a method added, under the plain
+model's names (``q_proj.base_layer.weight`` counts as ``q_proj.weight``)::
+
+    fingerprint = SHA-256 over (name, dtype, shape, bytes) of every base tensor, in name order
+
+so adding, training or loading adapters never changes it, and one changed bit of the base does. A
+4-bit base (QLoRA) is fingerprinted as stored (codes and constants); its quantisation settings are saved
+with the LoRA options, so that a full-precision base is quantised the same way on loading.
+
+Loading validates everything before it touches the base: the JSON's keys, types and sizes (bounded by
+the base's shapes before anything is allocated), the base's config, a trial application of the method
+to a copy of the base, the fingerprint, and every tensor's name, shape, dtype and finiteness. Only JSON
+and safetensors are read, never a pickle, so a file cannot run code; whatever is wrong with a file
+(foreign, corrupt, truncated, oversized, hostile) is one :class:`AdapterFileError` naming the file and
+the cause, or a :class:`BaseMismatchError` when the file is sound but made for another base.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import math
+import os
 import re
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .common import adapter_name
 from .full import freeze, full_finetune
-from .io_methods import (METHODS, AdapterFileError, BaseMismatchError, adapter_tensors, base_fingerprint,
-                         base_state_dict, methods_in)
 from .lora import lora_layers
+from .methods import METHODS, methods_in
 from .model import GPT
+from .qlora import linear4bit_layers, quantize_nf4
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 FORMAT, FORMAT_VERSION = "minipeft-adapter", 1
@@ -43,14 +57,126 @@ CONFIG_KEYS = ("format", "format_version", "minipeft_version", "method", "name",
 ARCHITECTURE = ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "d_ff")  # what shapes the weights
 
 
-# --- saving ------------------------------------------------------------------------------------------
+class AdapterFileError(ValueError):
+    """A saved adapter that is not what it claims: unreadable, incomplete, oversized or with unexpected parts."""
+
+
+class BaseMismatchError(ValueError):
+    """A saved adapter made for another base model (other config or other weights)."""
+
+
+# --- the base and its fingerprint --------------------------------------------------------------------
+
+
+def _plain_names(model: nn.Module) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
+    """Prefixes of the methods' own modules, and (wrapped, plain) name prefixes, innermost wrapper first."""
+    owned = tuple(t for m in METHODS.values() for t in m.owned)
+    wrappers = dict(m.wrapper for m in METHODS.values() if m.wrapper)
+    skip, renames = [], []
+    for where, m in model.named_modules():
+        if isinstance(m, owned):
+            skip.append(f"{where}.")
+        if type(m) in wrappers:
+            renames.append((f"{where}.{wrappers[type(m)]}.", f"{where}."))
+    return tuple(skip), renames[::-1]
+
+
+def _plain(key: str, renames) -> str:
+    for old, new in renames:
+        key = new + key[len(old):] if key.startswith(old) else key
+    return key
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base inside ``model``: its state dict without any method's tensors, under plain names."""
+    skip, renames = _plain_names(model)
+    return {_plain(k, renames): v for k, v in model.state_dict().items() if not k.startswith(skip)}
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """``"sha256:<hex>"`` of the base weights inside ``model`` (see the module docstring)."""
+    h = hashlib.sha256()
+    for key, t in sorted(base_state_dict(model).items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def adapter_tensors(method: str, model: nn.Module, name) -> dict[str, torch.Tensor]:
+    """File key -> the live tensor (a parameter or buffer of the model) that ``method`` trained."""
+    if method == "full":
+        return base_state_dict(model)
+    return {f"{where}.{key}": t for where, part in METHODS[method].parts(model, name).items()
+            for key, t in [*part.named_parameters(), *part.named_buffers()]}
+
+
+# --- a 4-bit base (QLoRA): how it was quantised, saved with the LoRA options ----------------------------
+
+NF4_KEYS = ("layers", "blocksize", "double_quant", "quant_type", "compute_dtype")
+
+
+def _nf4_options(model) -> dict | None:
+    """How the base was quantised (QLoRA), or None for a full-precision base."""
+    _, renames = _plain_names(model)
+    layers = {_plain(w + ".", renames)[:-1]: m.config for w, m in linear4bit_layers(model).items()}
+    settings = {(c.blocksize, c.double_quant, c.quant_type, str(c.compute_dtype)) for c in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"the 4-bit layers were quantised with different settings {sorted(settings)}")
+    if not layers:
+        return None
+    blocksize, double_quant, quant_type, dtype = settings.pop()
+    return dict(layers=sorted(layers), blocksize=blocksize, double_quant=double_quant, quant_type=quant_type,
+                compute_dtype=None if dtype == "None" else dtype.removeprefix("torch."))
+
+
+def _quantize_like(model, saved: dict | None) -> None:
+    """Quantise a full-precision base as the saved QLoRA base was (the fingerprint checks it after)."""
+    if saved is not None and (not isinstance(saved, dict) or set(saved) != set(NF4_KEYS)
+                              or not isinstance(saved["layers"], list)):
+        raise AdapterFileError(f"options.base_nf4 must be null or an object with the keys {list(NF4_KEYS)}")
+    have = _nf4_options(model)
+    if have == saved:
+        return
+    if have is not None or saved is None:
+        def what(o):
+            return "full-precision" if o is None else f"4-bit ({o['quant_type']}, blocksize {o['blocksize']})"
+        raise BaseMismatchError(f"the adapter was saved on a {what(saved)} base; this base is {what(have)}")
+    opts = dict(saved)
+    layers, dtype = set(opts.pop("layers")), opts.pop("compute_dtype")
+    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise AdapterFileError(f"options.base_nf4.compute_dtype {dtype!r} is not a torch dtype")
+    skip = tuple(n for n, m in model.named_modules() if type(m) is nn.Linear and n not in layers)
+    quantize_nf4(model, skip=skip, compute_dtype=dtype and getattr(torch, dtype), **opts)
+
+
+def _options(method: str, model, name) -> dict:
+    options = METHODS[method].options(model, name)
+    return {**options, "base_nf4": _nf4_options(model)} if method == "lora" else options
+
+
+def _apply(method: str, model, options: dict, name):
+    options = dict(options)
+    if method == "lora":
+        _quantize_like(model, options.pop("base_nf4"))
+    return METHODS[method].add(model, **options, **({} if name is None else {"name": name}))
+
+
+def _keys(method: str) -> tuple[str, ...]:
+    config = METHODS[method].config
+    keys = () if config is None else tuple(config.__dataclass_fields__)
+    return keys + ("base_nf4",) if method == "lora" else keys
+
+
+# --- saving ---------------------------------------------------------------------------------------------
 
 
 def save_adapter(model: GPT, directory, name: str | None = None, method: str | None = None) -> Path:
     """Write the trained part of ``model`` to ``directory`` (created if needed); returns its path.
 
     ``method`` is found from the model (a model without a PEFT method is saved whole, as ``"full"``);
-    ``name`` picks one of several named adapters (default: the only one, or the active one).
+    ``name`` picks one of several named adapters (default: the only one, or the active one). Everything
+    is checked (the tensors finite, the two file names free to write) before anything is written.
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_adapter needs a minipeft GPT, got {type(model).__name__}")
@@ -59,7 +185,7 @@ def save_adapter(model: GPT, directory, name: str | None = None, method: str | N
         if len(present) > 1:
             raise ValueError(f"the model has several methods {sorted(present)}: pass method= to pick one")
         method = next(iter(present), "full")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
     if method == "full" and present:
         raise ValueError(f"method='full' saves a plain model, but this one has {sorted(present)}")
@@ -69,7 +195,7 @@ def save_adapter(model: GPT, directory, name: str | None = None, method: str | N
     if names == [None] and name is not None:
         raise ValueError(f"{method} checkpoints have no names; leave name=None")
     if names != [None] and name is None:
-        name = names[0] if len(names) == 1 else METHODS[method]["active"](model)
+        name = names[0] if len(names) == 1 else METHODS[method].active(model)
         if name is None:
             raise ValueError(f"the model has the {method} adapters {names} and none is active alone: pass name=")
     if name not in names:
@@ -78,18 +204,35 @@ def save_adapter(model: GPT, directory, name: str | None = None, method: str | N
         raise ValueError("the LoRA adapter is merged into the base weights: call mp.unmerge_lora(model) first "
                          "(the file holds A and B, and the fingerprint is of the unmerged base)")
     tensors = {k: t.detach().cpu().contiguous() for k, t in adapter_tensors(method, model, name).items()}
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ValueError(f"tensor {bad!r} holds NaN or infinite values (did training diverge?): not saved, "
+                         f"as load_adapter would refuse the file")
     from . import __version__
     config = dict(format=FORMAT, format_version=FORMAT_VERSION, minipeft_version=__version__, method=method,
-                  name=name, options=METHODS[method]["options"](model, name), base_config=asdict(model.config),
+                  name=name, options=_options(method, model, name), base_config=asdict(model.config),
                   base_fingerprint=None if method == "full" else base_fingerprint(model))
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot save into {out}: it is a file, not a folder")
+    for target in (out / CONFIG_NAME, out / WEIGHTS_NAME):
+        if target.exists() and not target.is_file():
+            raise ValueError(f"cannot write {target}: something that is not a file is in the way")
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "minipeft_method": method})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # write both to temporary names, then rename: a failure never leaves half an adapter behind
+    tmp_weights, tmp_config = out / f".{WEIGHTS_NAME}.tmp", out / f".{CONFIG_NAME}.tmp"
+    try:
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt", "minipeft_method": method})
+        tmp_config.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_weights, out / WEIGHTS_NAME)
+        os.replace(tmp_config, out / CONFIG_NAME)
+    finally:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_config.unlink(missing_ok=True)
     return out
 
 
-# --- loading -----------------------------------------------------------------------------------------
+# --- loading -------------------------------------------------------------------------------------------
 
 
 def read_adapter_config(directory) -> dict:
@@ -97,10 +240,12 @@ def read_adapter_config(directory) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {Path(directory)}")
+    if path.stat().st_size > 1_000_000:
+        raise AdapterFileError(f"{path} is {path.stat().st_size:,} bytes: too large for an adapter config")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{path} is not valid JSON: {e}") from None
+        config = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise AdapterFileError(f"{path} is not valid JSON: {type(e).__name__}: {e}") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path} must hold a JSON object, got {type(config).__name__}")
     missing, extra = [k for k in CONFIG_KEYS if k not in config], sorted(set(config) - set(CONFIG_KEYS))
@@ -111,16 +256,23 @@ def read_adapter_config(directory) -> dict:
         raise AdapterFileError(f"{path}: format {config['format']!r} version {config['format_version']!r} is not "
                                f"{FORMAT!r} version {FORMAT_VERSION}")
     method, options = config["method"], config["options"]
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise AdapterFileError(f"{path}: unknown method {method!r}; known: {sorted(METHODS)}")
-    keys = METHODS[method]["keys"]
+    keys = _keys(method)
     if not isinstance(options, dict) or set(options) != set(keys):
         got = sorted(options) if isinstance(options, dict) else options
         raise AdapterFileError(f"{path}: the options of {method} must have exactly the keys {list(keys)}, "
                                f"got {got}")
-    if not isinstance(config["base_config"], dict) or not set(ARCHITECTURE) <= set(config["base_config"]):
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):  # e.g. 1e400 read as inf
+            raise AdapterFileError(f"{path}: options.{key} = {value!r} is not a finite number")
+    base_config = config["base_config"]
+    if not isinstance(base_config, dict) or not set(ARCHITECTURE) <= set(base_config):
         raise AdapterFileError(f"{path}: base_config must be an object with the keys {list(ARCHITECTURE)}")
-    fp, unnamed = config["base_fingerprint"], method in ("prompt", "full")
+    for key in ARCHITECTURE:
+        if isinstance(base_config[key], bool) or not isinstance(base_config[key], int):
+            raise AdapterFileError(f"{path}: base_config.{key} must be an integer, got {base_config[key]!r}")
+    fp, unnamed = config["base_fingerprint"], METHODS[method].set_active is None
     if method == "full" and fp is not None:
         raise AdapterFileError(f"{path}: base_fingerprint must be null for a full checkpoint, got {fp!r}")
     if method != "full" and not (isinstance(fp, str) and re.fullmatch("sha256:[0-9a-f]{64}", fp)):
@@ -131,6 +283,21 @@ def read_adapter_config(directory) -> dict:
     return config
 
 
+def _no_constant(word: str):
+    raise ValueError(f"{word} is not allowed in an adapter config")
+
+
+def _check_sizes(options: dict, base: GPT, path: Path) -> None:
+    """Every whole-number option is at most a few times the base's largest dimension: a file cannot ask
+    for gigabytes before its tensors are compared (a real adapter is far smaller than its base)."""
+    c = base.config
+    limit = 4 * max(c.block_size, c.d_model, c.d_ff, 2 * c.n_layer * c.d_model)
+    for key, value in options.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise AdapterFileError(f"{path}: options.{key} = {value:,} is larger than this base allows "
+                                   f"(at most {limit:,} for a base of d_model {c.d_model})")
+
+
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS_NAME
     if not path.is_file():
@@ -139,9 +306,9 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}{hint}")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{path} is not a readable safetensors file (corrupted or truncated?): {e}") \
-            from None
+    except Exception as e:  # noqa: BLE001 -- whatever the parser trips on, the file is at fault
+        raise AdapterFileError(f"{path} is not a readable safetensors file (corrupted or truncated?): "
+                               f"{type(e).__name__}: {e}") from None
 
 
 def _check_tensors(found: dict, expected: dict, path: Path) -> None:
@@ -181,6 +348,8 @@ def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool 
         raise TypeError(f"load_adapter needs a minipeft GPT as base, got {type(base).__name__}")
     if not isinstance(trainable, bool):
         raise TypeError(f"trainable must be True or False, got {trainable!r}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {directory!r}")
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no adapter folder at {directory}")
@@ -188,22 +357,27 @@ def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool 
     method, options, path = config["method"], config["options"], directory / WEIGHTS_NAME
     if name is not None and config["name"] is None:
         raise ValueError(f"{method} checkpoints have no names; leave name=None")
-    name = config["name"] if name is None else name
+    name = config["name"] if name is None else adapter_name(name)
     wanted, have = config["base_config"], asdict(base.config)
     diff = [f"{k}={wanted[k]} (this base: {have[k]})" for k in ARCHITECTURE if wanted[k] != have[k]]
     if diff:
         raise BaseMismatchError(f"{directory} was saved from a base with {', '.join(diff)}")
     if method == "full" and methods_in(base):
         raise ValueError(f"a full checkpoint loads into a plain base; this one has {sorted(methods_in(base))}")
+    if any(m.merged for m in lora_layers(base).values()):
+        raise ValueError("this base has a LoRA adapter merged into its weights: call mp.unmerge_lora first")
+    _check_sizes(options, base, directory / CONFIG_NAME)
     tensors = _read_tensors(directory)
-    apply = METHODS[method]["apply"]
     try:
         with _own_random_numbers(base):  # the trial does not move the caller's random numbers
-            trial = apply(copy.deepcopy(base), options, name)  # the method checks its own options
+            trial = _apply(method, copy.deepcopy(base), options, name)  # the method checks its own options
     except (AdapterFileError, BaseMismatchError):
         raise
     except (ValueError, TypeError) as e:
-        raise type(e)(f"cannot apply the {method} adapter of {directory} to this base: {e}") from e
+        raise AdapterFileError(f"cannot apply the {method} adapter of {directory} to this base: {e}") from e
+    except Exception as e:  # noqa: BLE001 -- e.g. an allocation the sizes above did not foresee
+        raise AdapterFileError(f"cannot apply the {method} adapter of {directory}: "
+                               f"{type(e).__name__}: {e}") from e
     if method != "full" and base_fingerprint(trial) != config["base_fingerprint"]:
         raise BaseMismatchError(f"{directory} was saved from other base weights (its base: "
                                 f"{config['base_fingerprint'][:19]}..., "
@@ -211,7 +385,7 @@ def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool 
     _check_tensors(tensors, adapter_tensors(method, trial, name), path)
     del trial
     with _own_random_numbers(base):  # everything checked: now change the base itself
-        apply(base, options, name)
+        _apply(method, base, options, name)
     live = adapter_tensors(method, base, name)
     with torch.no_grad():
         for key, t in live.items():

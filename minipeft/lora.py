@@ -10,8 +10,13 @@ after training, and inference then costs nothing extra. rsLoRA (Kalajdzievski 20
 uses ``scaling = alpha / sqrt(r)`` so that large ranks still learn.
 
 Names and arithmetic follow PEFT (``lora_A``, ``lora_B``, ``scaling``, ``base_layer``; same
-initialisation, dropout on the input of A, same merge), so the numbers carry over to it. One layer may
-hold several named adapters; which one runs is chosen model-wide (see :mod:`minipeft.lora_multi`).
+initialisation, dropout on the input of A, same merge), so the numbers carry over to it.
+
+The file reads in the lecture's order: the update (:class:`LoRAAdapter`), the layer that adds it to a
+frozen one (:class:`LoRALinear`), the surgery (:func:`add_lora`), merging; then the bookkeeping: one
+layer may hold several named adapters (one per task), switched with ``mp.set_adapter`` or mixed one per
+batch row with ``mp.adapter_per_row`` (:mod:`minipeft.methods`), the way multi-adapter servers such as
+S-LoRA (arXiv 2311.03285) batch requests.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .common import Method, adapter_name, boolean, positive_float, positive_int, probability, replace_module
 from .full import freeze
 
 
@@ -33,39 +39,35 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # name suffixes, globs ("blocks.0.*"), or "all-linear"
     dropout: float = 0.0                             # on the input of A, in training only
     rslora: bool = False
-    name: str = "default"                            # adapter name: several may live in one model
 
     def __post_init__(self):
-        if isinstance(self.targets, str):
-            self.targets = (self.targets,)
-        self.targets = tuple(self.targets)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.rslora, bool):
-            raise TypeError(f"rslora must be True or False, got {self.rslora!r}")
-        if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise ValueError(f"adapter name must be a Python identifier such as 'default', got {self.name!r}")
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+        positive_int("LoRA rank r", self.r)
+        positive_float("LoRA alpha", self.alpha)
+        probability("LoRA dropout", self.dropout)
+        boolean("rslora", self.rslora)
+        self.targets = (self.targets,) if isinstance(self.targets, str) else self.targets
+        if not isinstance(self.targets, (tuple, list)) or not self.targets or \
+                not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"targets must be non-empty module names or patterns, got {self.targets!r}")
+        self.targets = tuple(self.targets)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(itertools.chain(module.parameters(), module.buffers()), torch.empty(0)).device
 
 
 class LoRAAdapter(nn.Module):
     """One low-rank update ``x -> scaling * B A dropout(x)``, ``A`` (r x in), ``B`` (out x r)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float,
-                 dropout: float = 0.0, rslora: bool = False, device=None):
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, device=None):
         super().__init__()
-        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.r, self.alpha, self.rslora = config.r, config.alpha, config.rslora
         # scaling = alpha / r   (rsLoRA: alpha / sqrt(r))
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))  # zero: dW = 0 at start
+        self.scaling = config.alpha / math.sqrt(config.r) if config.rslora else config.alpha / config.r
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, device=device))  # zero: dW = 0 at start
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear and PEFT use
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def delta_weight(self) -> torch.Tensor:
         # dW = scaling * B A    (out x in)
@@ -95,20 +97,11 @@ class LoRALinear(nn.Module):
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.adapters = nn.ModuleDict()
-        self.active: str | None = None
-        self.merged = False     # True while the active adapter's dW sits inside the base weight
-        self.row_names = None   # one adapter name per batch row, for a mixed batch (lora_multi)
-        self.add_adapter(name, r, alpha, dropout, rslora)
-
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
-        LoRAConfig(r, alpha, ("-",), dropout, rslora, name)  # checks the values
-        check_rank(r, self, f"this layer (adapter {name!r})")
-        if name in self.adapters:
-            raise ValueError(f"this layer already has a LoRA adapter named {name!r}")
-        ref = next(itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()), None)
-        self.adapters[name] = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, rslora,
-                                          device=None if ref is None else ref.device)
-        self.active = name
+        self.merged = False  # True while the active adapter's dW sits inside the base weight
+        self.rows = None     # a mixed batch: (batch size, {adapter name: the batch rows that use it})
+        self.adapters[adapter_name(name)] = LoRAAdapter(self.in_features, self.out_features,
+                                                        LoRAConfig(r, alpha, "-", dropout, rslora), _device(base))
+        self.active: str | None = name
 
     # the active adapter's parts, under PEFT's names
     lora_A = property(lambda self: self.adapters[self.active].lora_A)
@@ -117,20 +110,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.row_names is not None:          # a mixed batch: row b uses adapter row_names[b]
-            return self._forward_per_row(x, y)
+        if self.rows is not None:  # a mixed batch: each adapter adds its update to its own rows only
+            n_rows, rows_of = self.rows
+            if x.shape[0] != n_rows:
+                raise ValueError(f"{n_rows} adapter names (one per row) for a batch of {x.shape[0]} rows")
+            for name, rows in rows_of.items():
+                if name in self.adapters:
+                    y = y.index_add(0, rows, self.adapters[name](x[rows]))
+            return y
         if self.active is None or self.merged:  # the bare base, or dW already inside the base weight
             return y
         return y + self.adapters[self.active](x)
-
-    def _forward_per_row(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if len(self.row_names) != x.shape[0]:
-            raise ValueError(f"{len(self.row_names)} adapter names for a batch of {x.shape[0]} rows")
-        for name in dict.fromkeys(self.row_names):  # each adapter once, on its own rows
-            if name in self.adapters:
-                rows = torch.tensor([b for b, n in enumerate(self.row_names) if n == name], device=x.device)
-                y = y.index_add(0, rows, self.adapters[name](x[rows]))
-        return y
 
     def merge(self, sign: int = 1, requantize: bool = False) -> None:
         """Add (``sign=1``) or subtract (``-1``) the active adapter's dW to the base weight."""
@@ -147,10 +137,7 @@ class LoRALinear(nn.Module):
                 f"active={self.active!r}, merged={self.merged}")
 
 
-def check_rank(r: int, layer: nn.Module, where: str) -> None:
-    if r > min(layer.in_features, layer.out_features):
-        raise ValueError(f"LoRA rank r={r} is larger than min(in, out) = "
-                         f"min({layer.in_features}, {layer.out_features}) of {where}")
+# --- the surgery: which layers, and wrapping them -------------------------------------------------------
 
 
 def _linear_like(m: nn.Module) -> bool:
@@ -201,39 +188,54 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=("q_proj
     Calling it again with another ``name`` adds a second adapter (to the same or other layers); the
     newest adapter becomes the active one and the only part that trains.
     """
-    config = LoRAConfig(r, alpha, targets, dropout, rslora, name)  # checks the values
+    config = LoRAConfig(r, alpha, targets, dropout, rslora)  # checks the values
+    adapter_name(name)
     chosen = find_targets(model, config.targets)
     for where, layer in chosen.items():  # check everything before changing anything
-        check_rank(r, layer, where)
+        if r > min(layer.in_features, layer.out_features):
+            raise ValueError(f"LoRA rank r={r} is larger than min(in, out) = "
+                             f"min({layer.in_features}, {layer.out_features}) of {where}")
         if isinstance(layer, LoRALinear) and name in layer.adapters:
             raise ValueError(f"{where} already has a LoRA adapter named {name!r}: pass another name= "
-                             f"or remove it with delete_lora_adapter")
+                             f"or remove it with mp.delete_adapter")
     if any(layer.merged for layer in lora_layers(model).values()):
         raise ValueError("the model has a merged LoRA adapter: call unmerge_lora before adding another")
+    new = {}  # allocate first: if memory runs out, the model is untouched
+    for where, layer in chosen.items():
+        if isinstance(layer, LoRALinear):
+            new[where] = LoRAAdapter(layer.in_features, layer.out_features, config, _device(layer.base_layer))
+        else:
+            new[where] = LoRALinear(layer, r, alpha, dropout, rslora, name)
     freeze(model)
     for where, layer in chosen.items():
         if isinstance(layer, LoRALinear):
-            layer.add_adapter(name, r, alpha, dropout, rslora)
+            layer.adapters[name] = new[where]
         else:
-            parent, _, child = where.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRALinear(layer, r, alpha, dropout, rslora, name))
-    from .lora_multi import set_lora_adapter
-    return set_lora_adapter(model, name)
+            replace_module(model, where, new[where])
+    _set_active(model, name)
+    return model
+
+
+# --- merging ---------------------------------------------------------------------------------------------
 
 
 def _merge_all(model: nn.Module, sign: int, requantize: bool) -> nn.Module:
     verb = "merge" if sign == 1 else "unmerge"
-    layers = [m for m in lora_layers(model).values() if m.active is not None]
+    boolean("requantize", requantize)
+    layers = {w: m for w, m in lora_layers(model).items() if m.active is not None}
     if not layers:
         raise ValueError(f"nothing to {verb}: the model has no active LoRA adapter")
-    if any(m.merged == (sign == 1) for m in layers):
+    if any(m.merged == (sign == 1) for m in layers.values()):
         raise ValueError("LoRA is already merged: call unmerge_lora first" if sign == 1 else
                          "LoRA is not merged: call merge_lora first")
-    for m in layers:
+    for where, m in layers.items():
         if not isinstance(m.base_layer, nn.Linear) and not hasattr(m.base_layer, "merge_delta"):
             raise TypeError(f"cannot {verb} into a {type(m.base_layer).__name__}: it has no merge_delta()")
+        if not torch.isfinite(m.adapters[m.active].delta_weight()).all():
+            raise ValueError(f"the LoRA update of {where} (adapter {m.active!r}) holds NaN or infinite values: "
+                             f"merging it would make the base weights non-finite for good")
     # layers that may refuse (4-bit ones, without requantize=True) go first, before anything changed
-    for m in sorted(layers, key=lambda m: isinstance(m.base_layer, nn.Linear)):
+    for m in sorted(layers.values(), key=lambda m: isinstance(m.base_layer, nn.Linear)):
         m.merge(sign, requantize)
     return model
 
@@ -251,13 +253,82 @@ def unmerge_lora(model: nn.Module, requantize: bool = False) -> nn.Module:
     return _merge_all(model, -1, requantize)
 
 
-def subspace_similarity(W1: torch.Tensor, W2: torch.Tensor, i: int, j: int) -> float:
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by its base layer (after :func:`merge_lora`: PEFT's merge_and_unload)."""
+    for where, m in lora_layers(model).items():
+        replace_module(model, where, m.base_layer)
+    return model
+
+
+def subspace_similarity(W1: torch.Tensor, W2: torch.Tensor, i, j):
     """phi(W1, W2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j)  (the LoRA paper, section 7).
 
     ``U1``, ``U2``: left singular vectors of the two matrices. 1 when the top-i directions of one lie in
     the span of the top-j of the other, 0 when the two subspaces are orthogonal; two random subspaces of
-    R^d give about max(i, j) / d.
+    R^d give about max(i, j) / d. With lists ``i`` and ``j`` (same length) it returns one phi per pair,
+    each SVD done once.
     """
-    U1 = torch.linalg.svd(torch.as_tensor(W1).detach().double(), full_matrices=False).U[:, :i]
-    U2 = torch.linalg.svd(torch.as_tensor(W2).detach().double(), full_matrices=False).U[:, :j]
-    return float((U1.T @ U2).pow(2).sum() / min(i, j))
+    U1 = torch.linalg.svd(torch.as_tensor(W1).detach().double(), full_matrices=False).U
+    U2 = torch.linalg.svd(torch.as_tensor(W2).detach().double(), full_matrices=False).U
+    overlap = (U1.T @ U2).pow(2)  # squared cosines between the two sets of directions
+
+    def phi(a: int, b: int) -> float:
+        return float(overlap[:a, :b].sum() / min(a, b))
+    return phi(i, j) if isinstance(i, int) else [phi(a, b) for a, b in zip(i, j)]
+
+
+# --- bookkeeping: named adapters, one per row, what a file holds ----------------------------------------
+
+
+def _names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(n for m in lora_layers(model).values() for n in m.adapters))
+
+
+def _not_merged(model: nn.Module, what: str) -> None:
+    if any(m.merged for m in lora_layers(model).values()):
+        raise ValueError(f"cannot {what} while a LoRA adapter is merged into the base: call unmerge_lora first")
+
+
+def _set_active(model: nn.Module, name: str | None) -> None:
+    """``name`` runs (a layer without it runs its bare base) and is the only LoRA part that trains."""
+    _not_merged(model, "switch adapters")
+    for m in lora_layers(model).values():
+        m.active = name if name in m.adapters else None
+        for adapter_name_, adapter in m.adapters.items():
+            adapter.requires_grad_(adapter_name_ == name)
+
+
+def _set_rows(model: nn.Module, names: list | None) -> None:
+    """Row b of the next batches uses adapter ``names[b]`` (``None``: the bare base); ``None``: no mixing."""
+    _not_merged(model, "mix adapters in one batch")
+    for m in lora_layers(model).values():
+        m.rows = None if names is None else (len(names), {
+            n: torch.tensor([b for b, x in enumerate(names) if x == n], device=_device(m))
+            for n in dict.fromkeys(names) if n is not None})
+
+
+def _delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; a layer left without adapters becomes its base layer again."""
+    _not_merged(model, "delete an adapter")
+    for where, m in lora_layers(model).items():
+        if name in m.adapters:
+            del m.adapters[name]
+            m.active = None if m.active == name else m.active
+        if not m.adapters:
+            replace_module(model, where, m.base_layer)
+
+
+def _parts(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    return {w: m.adapters[name] for w, m in lora_layers(model).items() if name in m.adapters}
+
+
+def _options(model: nn.Module, name: str) -> dict:
+    parts = _parts(model, name)
+    one = next(iter(parts.values()))
+    return dict(r=one.r, alpha=one.alpha, targets=sorted(parts), dropout=one.dropout.p, rslora=one.rslora)
+
+
+METHOD = Method("lora", LoRAConfig, add_lora, names=_names, parts=_parts, options=_options,
+                owned=(LoRAAdapter,), wrapper=(LoRALinear, "base_layer"),
+                active=lambda model: next((m.active for m in lora_layers(model).values() if m.active), None),
+                set_active=_set_active, set_rows=_set_rows, delete=_delete)

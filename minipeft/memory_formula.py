@@ -33,16 +33,18 @@ FlashAttention-style attention: an estimate, not a measurement.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .memory import MemoryBreakdown
 from .model import GPTConfig
+from .adapter import PLACEMENTS
+from .methods import METHODS as REGISTRY
 from .presets import PRESETS, ModelShape
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 BASE_DTYPES = ("fp32", "bf16", "nf4")
-METHODS = ("full", "prompt", "prefix", "adapter", "lora", "qlora")
+METHODS = (*REGISTRY, "qlora")  # QLoRA: LoRA's options on a 4-bit base
 NF4_BLOCK = 64  # weights per fp32 absmax constant
 
 
@@ -69,15 +71,12 @@ def method_plan(shape: ModelShape, method: str, **options) -> Plan:
     """The :class:`Plan` of ``method`` with the options of its ``add_*`` function (their defaults too)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    known = {"full": {}, "prompt": {"n_tokens": 20},
-             "prefix": {"n_prefix": 10, "reparam": True, "reparam_dim": 32, "reparam_hidden": 64},
-             "adapter": {"bottleneck": 16, "placement": "houlsby", "activation": None},
-             "lora": {"r": 8, "targets": ("q_proj", "v_proj")}}
-    defaults = known["lora" if method == "qlora" else method]
-    unknown = set(options) - set(defaults)
+    config = REGISTRY["lora" if method == "qlora" else method].config  # its defaults, and its checks
+    known = () if config is None else tuple(config.__dataclass_fields__)
+    unknown = set(options) - set(known)
     if unknown:
-        raise ValueError(f"{method} takes the options {sorted(defaults) or 'none'}, got {sorted(unknown)}")
-    o = {**defaults, **options}
+        raise ValueError(f"{method} takes the options {sorted(known) or 'none'}, got {sorted(unknown)}")
+    o = {} if config is None else asdict(config(**options))
     C, L = shape.d_model, shape.n_layer
     if method == "full":
         return Plan(full=True)
@@ -96,10 +95,9 @@ def method_plan(shape: ModelShape, method: str, **options) -> Plan:
         n, e, H = o["n_prefix"], o["reparam_dim"], o["reparam_hidden"]
         added = n * e + e * H + H + (H + 1) * L * 2 * C if o["reparam"] else L * 2 * n * C
         return Plan(n_prefix=n, reparam_hidden=H if o["reparam"] else 0, added=added)
-    where = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}[o["placement"]]
-    activation = o["activation"] or {"houlsby": "swish", "pfeiffer": "relu"}[o["placement"]]
+    where = tuple(path.split(".")[0] for path in PLACEMENTS[o["placement"]])  # ("attn", "mlp") or ("mlp",)
     b = o["bottleneck"]   # each adapter: down C x b + b, up b x C + C
-    return Plan(adapters=where, bottleneck=b, relu=activation == "relu", added=L * len(where) * (2 * C * b + b + C))
+    return Plan(adapters=where, bottleneck=b, relu=o["activation"] == "relu", added=L * len(where) * (2 * C * b + b + C))
 
 
 def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bool, act: int = 4,

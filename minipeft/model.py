@@ -54,16 +54,24 @@ class KVCache:
     """Keys and values of earlier positions, one ``(k, v)`` pair per layer, each ``(B, n_head, T_past, head_dim)``.
 
     ``update(i, k, v)`` appends the new keys/values of layer ``i`` and returns everything so far.
-    Prefix tuning builds a cache whose layers already hold trained prefixes.
+    Prefix tuning builds a cache whose layers already hold trained prefixes, and prompt tuning's soft
+    prompt lands in it too: ``n_virtual`` counts such cached positions that are not text, so that the
+    next text token goes to position ``next_position = len(cache) - n_virtual`` (the one place this is
+    decided: the model's default ``position_ids`` use it).
     """
 
-    def __init__(self, n_layer: int, layers=None):
+    def __init__(self, n_layer: int, layers=None, n_virtual: int = 0):
         self.layers = list(layers) if layers is not None else [None] * n_layer
+        self.n_virtual = n_virtual
         if len(self.layers) != n_layer:
             raise ValueError(f"KVCache has {len(self.layers)} layers, the model has {n_layer}")
 
     def __len__(self) -> int:  # number of cached positions
         return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+    @property
+    def next_position(self) -> int:
+        return len(self) - self.n_virtual
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
         if self.layers[i] is not None:
@@ -173,28 +181,33 @@ class GPT(nn.Module):
         """Logits ``(B, T, vocab_size)`` for token ids ``idx`` (B, T) or vectors ``inputs_embeds`` (B, T, C).
 
         ``position_ids`` (T,) or (B, T): the learned position of each input; default ``P .. P+T-1``
-        where P is the length of ``past_kv``. ``past_kv`` is updated in place with this call's keys/values.
+        where P is ``past_kv.next_position`` (0 without a cache). ``past_kv`` is updated in place with this call's keys/values.
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or inputs_embeds (vectors)")
         if inputs_embeds is None:
-            if idx.dim() != 2:
-                raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
-            if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), "
-                                 f"got values in [{int(idx.min())}, {int(idx.max())}]")
-            inputs_embeds = self.tok_emb(idx)  # (B, T, C)
+            inputs_embeds = self.embed(idx)  # (B, T, C)
         B, T, C = inputs_embeds.shape
         P = 0 if past_kv is None else len(past_kv)
         if P + T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens after {P} cached positions exceeds the context "
                              f"(block_size={self.config.block_size})")
         if position_ids is None:
-            position_ids = torch.arange(P, P + T, device=inputs_embeds.device)
+            start = 0 if past_kv is None else past_kv.next_position
+            position_ids = torch.arange(start, start + T, device=inputs_embeds.device)
         x = self.drop(inputs_embeds + self.pos_emb(position_ids))
         for block in self.blocks:
             x = block(x, past_kv)
         return self.head(self.ln_f(x))  # (B, T, vocab_size)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> their embeddings (B, T, C), after checking the ids."""
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
+            raise ValueError(f"idx must be an integer tensor of shape (batch, time), got {idx!r:.60}")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), "
+                             f"got values in [{int(idx.min())}, {int(idx.max())}]")
+        return self.tok_emb(idx)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, stop_token: int | None = None,
@@ -208,15 +221,9 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         cache = KVCache(self.config.n_layer) if use_cache else None
-        out, step_input, n_seen = idx, idx, 0
+        out, step_input = idx, idx
         for _ in range(max_new_tokens):
-            if use_cache:
-                T = step_input.shape[1]
-                logits = self(step_input, past_kv=cache,
-                              position_ids=torch.arange(n_seen, n_seen + T, device=idx.device))
-                n_seen += T
-            else:
-                logits = self(out)
+            logits = self(step_input, past_kv=cache) if use_cache else self(out)
             next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
             out = torch.cat([out, next_token], dim=1)
             step_input = next_token

@@ -18,32 +18,27 @@ How it hooks in, without editing the model: the prefixes go through the model's 
 (``past_kv``), where generation keeps the keys and values of earlier tokens. A forward pre-hook passes
 a :class:`KVCache` pre-filled with the prefixes when the call brings no cache, and fills an empty cache
 it is given (``generate()``'s own cache, on its first call); a non-empty cache already holds them.
-The text keeps positions ``0 .. T-1`` (the model's default would start after the ``n_prefix`` cached
-positions), and the context counts the prefix: ``n_prefix + T <= block_size``.
+The cache counts the prefix as ``n_virtual`` positions that are not text, so the text keeps positions
+``0 .. T-1``; the context counts the prefix: ``n_prefix + T <= block_size``.
 
-Named prefixes: one model can hold several (one per task). ``add_prefix_tuning(model, ..., name=)``
-adds one (the same name twice is an error), :func:`set_prefix` chooses which one runs (``None``: the
-base model), :func:`delete_prefix` removes one, :func:`list_prefixes` lists them. Given one
-name per row, a single forward pass runs each row with its own task's prefix: the cache simply holds a
-different prefix in each row (all of them must have the same ``n_prefix``).
+Named prefixes: one model can hold several (one per task), chosen with ``mp.set_adapter`` and
+friends (:mod:`minipeft.methods`). One per batch row (``mp.adapter_per_row``) runs each row with its own
+task's prefix in a single forward pass: the cache simply holds a different prefix in each row (all of
+them must have the same ``n_prefix``).
 
 Sizes: ``add_prefix_tuning`` asks for ``n_prefix >= 1``. The hook itself works with an empty prefix,
 which leaves the base model unchanged: the tests check that by emptying the parameter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 
+from .common import Method, adapter_name, boolean, integer, non_negative_float, positive_int
 from .full import freeze
 from .model import GPT, KVCache
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -57,11 +52,10 @@ class PrefixTuningConfig:
 
     def __post_init__(self):
         for name in ("n_prefix", "reparam_dim", "reparam_hidden"):
-            _positive_int(name, getattr(self, name))
-        if not isinstance(self.reparam, bool):
-            raise ValueError(f"reparam must be True or False, got {self.reparam!r}")
-        if not isinstance(self.init_std, (int, float)) or isinstance(self.init_std, bool) or not self.init_std >= 0:
-            raise ValueError(f"init_std must be a number >= 0, got {self.init_std!r}")
+            positive_int(name, getattr(self, name))
+        boolean("reparam", self.reparam)
+        non_negative_float("init_std", self.init_std)
+        integer("seed", self.seed)
 
 
 class Prefix(nn.Module):
@@ -117,24 +111,14 @@ class PrefixTuning(nn.Module):
         super().__init__()
         self.n_head, self.block_size = n_head, block_size
         self.prefixes = nn.ModuleDict()
-        self.active: str | list[str] | None = None  # a name, one name per row, or None (the base model)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.prefixes.keys())
-
-    @property
-    def n_prefix(self) -> int:
-        """Length of the prefixes in use (set_prefix makes sure that mixed ones agree)."""
-        first = self.active if isinstance(self.active, str) else self.active[0]
-        return self.prefixes[first].n_prefix
+        self.active: str | None = None  # the prefix in use (None: the base model)
+        self.rows: list | None = None   # or one name per batch row
 
     def layers(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The cache content for a batch: per layer ``(k, v)``, each ``(B, n_head, n_prefix, head_dim)``."""
-        rows = [self.active] * batch_size if isinstance(self.active, str) else self.active
+        rows = [self.active] * batch_size if self.rows is None else self.rows
         if len(rows) != batch_size:
-            raise ValueError(f"set_prefix was given {len(rows)} names, one per row, "
-                             f"but the batch has {batch_size} rows")
+            raise ValueError(f"{len(rows)} prefix names (one per row) for a batch of {batch_size} rows")
         names = list(dict.fromkeys(rows))
         p = torch.stack([self.prefixes[name]() for name in names])  # (U, L, 2, n, C)
         p = p[torch.tensor([names.index(r) for r in rows], device=p.device)]  # (B, L, 2, n, C): row b's own prefix
@@ -144,29 +128,25 @@ class PrefixTuning(nn.Module):
         return [(p[i, 0], p[i, 1]) for i in range(L)]
 
     def pre_hook(self, model: GPT, args: tuple, kwargs: dict):
-        """Put the active prefixes in the call's key/value cache and keep the text at positions 0..T-1."""
+        """Put the prefixes in use in the call's key/value cache (a fresh one, or generate()'s empty one)."""
         x = args[0] if args else kwargs.get("idx", kwargs.get("inputs_embeds"))
-        if self.active is None or x is None:
+        if (self.active is None and self.rows is None) or x is None:
             return None
-        kwargs = dict(kwargs)
-        B, T = x.shape[:2]
         cache = kwargs.get("past_kv")
-        if cache is None:
-            cache = kwargs["past_kv"] = KVCache(model.config.n_layer)
-        if len(cache) == 0:  # a fresh cache: the prefixes go first
-            if self.n_prefix + T > self.block_size:
-                raise ValueError(f"a prefix of {self.n_prefix} positions + {T} input tokens exceed the context "
-                                 f"(block_size={self.block_size})")
-            cache.layers = self.layers(B)
-            start = 0
-        else:  # a later step of generation: the prefixes are already in the cache
-            start = len(cache) - self.n_prefix
-        if kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = torch.arange(start, start + T, device=x.device)
+        if cache is not None and len(cache) > 0:  # a later step of generation: the prefixes are in the cache
+            return None
+        B, T = x.shape[:2]
+        n_prefix = self.prefixes[self.active or self.rows[0]].n_prefix
+        if n_prefix + T > self.block_size:
+            raise ValueError(f"a prefix of {n_prefix} positions + {T} input tokens exceed the context "
+                             f"(block_size={self.block_size})")
+        kwargs = dict(kwargs)
+        cache = kwargs["past_kv"] = cache if cache is not None else KVCache(model.config.n_layer)
+        cache.layers, cache.n_virtual = self.layers(B), n_prefix  # the prefix holds no text positions
         return args, kwargs
 
     def extra_repr(self) -> str:
-        return f"active={self.active!r}"
+        return f"active={self.active!r}" + ("" if self.rows is None else f", rows={self.rows}")
 
 
 def add_prefix_tuning(model: GPT, n_prefix: int = 10, reparam: bool = True, name: str = "default",
@@ -179,75 +159,71 @@ def add_prefix_tuning(model: GPT, n_prefix: int = 10, reparam: bool = True, name
     config = PrefixTuningConfig(n_prefix=n_prefix, reparam=reparam, **options)  # validates the options
     if not isinstance(model, GPT):
         raise TypeError(f"add_prefix_tuning needs a minipeft GPT, got {type(model).__name__}")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"a prefix name must be a Python identifier (like 'rotate'), got {name!r}")
-    existing = getattr(model, "prefix_tuning", None)
-    if existing is not None and name in existing.prefixes:
-        raise ValueError(f"the model already has a prefix named {name!r}; pick another name or delete_prefix() it")
-    if hasattr(nn.ModuleDict(), name):
-        raise ValueError(f"{name!r} cannot be a prefix name (it is taken by nn.ModuleDict)")
+    adapter_name(name)
+    if name in _names(model):
+        raise ValueError(f"the model already has a prefix named {name!r}; pick another name or "
+                         f"mp.delete_adapter() it")
     if n_prefix >= model.config.block_size:
         raise ValueError(f"n_prefix={n_prefix} leaves no room for text in the context "
                          f"(block_size={model.config.block_size})")
+    prefix = Prefix(config, model.config.n_layer, model.config.d_model).to(model.pos_emb.weight)  # may run out
     freeze(model)
-    if existing is None:
-        model.prefix_tuning = existing = PrefixTuning(model.config.n_head, model.config.block_size)
-        model.register_forward_pre_hook(existing.pre_hook, with_kwargs=True)
-    existing.prefixes[name] = Prefix(config, model.config.n_layer, model.config.d_model).to(model.pos_emb.weight)
-    set_prefix(model, name)
-    return model
-
-
-def list_prefixes(model: GPT) -> list[str]:
-    """Names of the prefixes in ``model``, in the order they were added (``[]`` without prefix tuning)."""
-    pt = getattr(model, "prefix_tuning", None)
-    return [] if pt is None else pt.names
-
-
-def _prefix_tuning(model: GPT) -> PrefixTuning:
     if getattr(model, "prefix_tuning", None) is None:
-        raise ValueError("the model has no prefix tuning; call add_prefix_tuning first")
-    return model.prefix_tuning
-
-
-def set_prefix(model: GPT, names: str | list[str] | None) -> GPT:
-    """Choose the prefix of the next calls: a name, one name per row of the batch, or None (the base).
-
-    The prefixes in use become trainable, the others are frozen (as PEFT's ``set_adapter`` does).
-    """
-    pt = _prefix_tuning(model)
-    used = [] if names is None else [names] if isinstance(names, str) else list(names)
-    if names is not None and not isinstance(names, str) and not used:
-        raise ValueError("set_prefix got an empty list of names")
-    unknown = sorted(set(n for n in used if n not in pt.prefixes))
-    if unknown:
-        raise ValueError(f"unknown prefix name(s) {unknown}; the model has {pt.names}")
-    sizes = {pt.prefixes[n].n_prefix for n in used}
-    if len(sizes) > 1:
-        raise ValueError(f"prefixes mixed in one batch must have the same n_prefix, got sizes {sorted(sizes)}")
-    for n, prefix in pt.prefixes.items():
-        prefix.requires_grad_(n in used)
-    pt.active = names if isinstance(names, str) or names is None else used
-    return model
-
-
-def delete_prefix(model: GPT, name: str) -> GPT:
-    """Remove the prefix ``name``; if it was in use, the model runs without a prefix (the base)."""
-    pt = _prefix_tuning(model)
-    if name not in pt.prefixes:
-        raise ValueError(f"unknown prefix name {name!r}; the model has {pt.names}")
-    del pt.prefixes[name]
-    if pt.active == name or (isinstance(pt.active, list) and name in pt.active):
-        pt.active = None
+        model.prefix_tuning = PrefixTuning(model.config.n_head, model.config.block_size)
+        model.register_forward_pre_hook(model.prefix_tuning.pre_hook, with_kwargs=True)
+    model.prefix_tuning.prefixes[name] = prefix
+    _set_active(model, name)
     return model
 
 
 def fold_prefix(model: GPT, name: str | None = None) -> GPT:
     """Fold the reparameterisation MLP of prefix ``name`` (default: every prefix) into plain prefixes."""
-    pt = _prefix_tuning(model)
-    if name is not None and name not in pt.prefixes:
-        raise ValueError(f"unknown prefix name {name!r}; the model has {pt.names}")
-    for n, prefix in pt.prefixes.items():
+    names = _names(model)
+    if not names or (name is not None and name not in names):
+        raise ValueError(f"no prefix named {name!r}; the model has {names}" if names else
+                         "the model has no prefix tuning; call add_prefix_tuning first")
+    for n, prefix in model.prefix_tuning.prefixes.items():
         if name is None or n == name:
             prefix.fold()
     return model
+
+
+# --- bookkeeping: named prefixes, one per row, what a file holds ----------------------------------------
+
+
+def _names(model: GPT) -> list[str]:
+    pt = getattr(model, "prefix_tuning", None)
+    return [] if pt is None else list(pt.prefixes)
+
+
+def _set_active(model: GPT, name: str | None) -> None:
+    """``name`` runs (None: the base model) and is the only prefix that trains (as PEFT's set_adapter)."""
+    pt = model.prefix_tuning
+    for n, prefix in pt.prefixes.items():
+        prefix.requires_grad_(n == name)
+    pt.active, pt.rows = name, None
+
+
+def _set_rows(model: GPT, names: list | None) -> None:
+    pt = model.prefix_tuning
+    if names is not None:
+        if None in names:
+            raise ValueError("prefix tuning cannot run the bare base on some rows of a batch: every row "
+                             "needs a prefix name")
+        sizes = {pt.prefixes[n].n_prefix for n in names}
+        if len(sizes) > 1:
+            raise ValueError(f"prefixes mixed in one batch must have the same n_prefix, got {sorted(sizes)}")
+    pt.rows = None if names is None else list(names)
+
+
+def _delete(model: GPT, name: str) -> None:
+    pt = model.prefix_tuning
+    del pt.prefixes[name]
+    pt.active = None if pt.active == name else pt.active
+
+
+METHOD = Method("prefix", PrefixTuningConfig, add_prefix_tuning, owned=(PrefixTuning,), names=_names,
+                parts=lambda model, name: {"prefix_tuning.prefix": model.prefix_tuning.prefixes[name]},
+                options=lambda model, name: asdict(model.prefix_tuning.prefixes[name].config),
+                active=lambda model: model.prefix_tuning.active, set_active=_set_active, set_rows=_set_rows,
+                delete=_delete)

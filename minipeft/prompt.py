@@ -23,7 +23,8 @@ position: the hook hands the model ``P - pos_emb[0]`` at position 0, so after th
 context still counts the virtual tokens: ``n_tokens + T <= block_size``.
 
 Generation: ``model.generate`` hands the model an empty :class:`KVCache` on its first call; the soft
-prompt goes in front then and stays in the cache, so later steps (cache not empty) add nothing.
+prompt goes in front then and stays in the cache (counted as ``n_virtual`` positions that are not text),
+so later steps (cache not empty) add nothing and the model places the new tokens after the text.
 
 Sizes: ``add_prompt_tuning`` asks for at least one token (a zero-token prompt trains nothing). The
 hooks themselves work with an empty soft prompt, which leaves the base model unchanged: the tests
@@ -31,11 +32,12 @@ check that by emptying the parameter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
+from .common import Method, integer, one_of, positive_int
 from .full import freeze
 from .model import GPT
 from .tasks import PAD_ID, tokenizer
@@ -51,10 +53,9 @@ class PromptTuningConfig:
     seed: int = 0                 # which characters are sampled, or which random vectors are drawn
 
     def __post_init__(self):
-        if not isinstance(self.n_tokens, int) or isinstance(self.n_tokens, bool) or self.n_tokens <= 0:
-            raise ValueError(f"n_tokens must be a positive integer, got {self.n_tokens!r}")
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; choose one of {INITS}")
+        positive_int("n_tokens", self.n_tokens)
+        one_of("init", self.init, INITS)
+        integer("seed", self.seed)
         if self.init_text is not None:
             if self.init != "vocab":
                 raise ValueError(f"init_text needs init='vocab', got init={self.init!r}")
@@ -87,17 +88,12 @@ class SoftPrompt(nn.Module):
         if (idx is None) == (embeds is None):
             return None  # let the model raise its own error
         if idx is not None:
-            if idx.dim() != 2:
-                raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
-            embeds = model.tok_emb(idx)  # (B, T, C)
+            embeds = model.embed(idx)  # (B, T, C), the ids checked
         B, T, _ = embeds.shape
         cache, positions = kwargs.get("past_kv"), kwargs.get("position_ids")
-        P = 0 if cache is None else len(cache)
         self._n_virtual = 0
-        if P > 0:  # a later step of generation: the soft prompt is already in the cache
-            if positions is None:
-                positions = torch.arange(P - self.n_tokens, P - self.n_tokens + T, device=embeds.device)
-            kwargs.update(inputs_embeds=embeds, position_ids=positions)
+        if cache is not None and len(cache) > 0:  # a later step of generation: the prompt is in the cache
+            kwargs.update(inputs_embeds=embeds)
             return (), kwargs
         n = self.n_tokens
         if n + T > model.config.block_size:
@@ -111,6 +107,8 @@ class SoftPrompt(nn.Module):
         prompt = prompt.unsqueeze(0).expand(B, n, -1)  # (n, C) -> (B, n, C)
         kwargs.update(inputs_embeds=torch.cat([prompt, embeds], dim=1),    # (B, n + T, C)
                       position_ids=torch.cat([virtual, positions], dim=-1))  # (n + T,) or (B, n + T)
+        if cache is not None:
+            cache.n_virtual = n  # the soft prompt's cached positions are not text
         self._n_virtual = n
         return (), kwargs
 
@@ -164,3 +162,11 @@ def add_prompt_tuning(model: GPT, n_tokens: int = 20, init: str = "vocab", init_
     model.register_forward_pre_hook(model.prompt_tuning.pre_hook, with_kwargs=True)
     model.register_forward_hook(model.prompt_tuning.post_hook)
     return model
+
+
+# --- bookkeeping: what a file holds (prompt tuning has one unnamed soft prompt) --------------------------
+
+METHOD = Method("prompt", PromptTuningConfig, add_prompt_tuning, owned=(SoftPrompt,),
+                names=lambda model: [None] if isinstance(getattr(model, "prompt_tuning", None), SoftPrompt) else [],
+                parts=lambda model, name: {"prompt_tuning": model.prompt_tuning},
+                options=lambda model, name: asdict(model.prompt_tuning.config))

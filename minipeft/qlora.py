@@ -25,7 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nf4
+from .common import boolean, replace_module
 from .full import freeze
+from .methods import methods_in
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Linear4bit(nn.Module):
 
     def merge_delta(self, delta: torch.Tensor, requantize: bool = False) -> None:
         """``W <- quantise(dequantise(W) + delta)``: used by ``merge_lora`` / ``unmerge_lora``."""
-        if not requantize:
+        if not boolean("requantize", requantize):
             raise ValueError(
                 "cannot merge a LoRA update into a 4-bit layer without requantising: the merged weight "
                 "dequantise(W) + dW must be rounded to 4 bits again, which adds error. Pass "
@@ -143,24 +145,28 @@ def quantize_nf4(model: nn.Module, skip=("tok_emb", "head"), blocksize: int = 64
     :class:`Linear4bit`, in place; returns ``model``. ``mp.add_lora(model, ...)`` afterwards gives QLoRA.
     """
     config = NF4Config(blocksize, double_quant, quant_type, compute_dtype)  # checks the values
-    if isinstance(skip, str):
-        skip = (skip,)
-    if not all(isinstance(s, str) for s in skip):
+    skip = (skip,) if isinstance(skip, str) else skip
+    if not isinstance(skip, (tuple, list)) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"skip must be module names, got {skip!r}")
-    kinds = {type(m).__name__ for m in model.modules()}
-    if "Linear4bit" in kinds:
+    if linear4bit_layers(model):
         raise ValueError("the model is already quantised (it has Linear4bit layers)")
-    if "LoRALinear" in kinds:
-        raise ValueError("the model already has LoRA layers: quantise the base first, then add LoRA "
-                         "(mp.quantize_nf4(model); mp.add_lora(model, ...))")
+    present = sorted(methods_in(model))
+    if present:
+        raise ValueError(f"the model already has {present} applied: quantise the base first, then add the "
+                         f"method (mp.quantize_nf4(model); mp.add_lora(model, ...)), so that the method's "
+                         f"own layers stay trainable and in full precision")
+    names = [n for n, _ in model.named_modules()]
+    unknown = [s for s in skip if not any(_skipped(n, (s,)) for n in names)]
+    if unknown:
+        raise ValueError(f"skip names {unknown} match no module of the model (typo?); its linear layers are "
+                         f"named like {sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if type(m) is nn.Linear})}")
     targets = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)}
     if not targets:
         raise ValueError(f"no nn.Linear layer left to quantise (skip={tuple(skip)!r})")
     new = {n: Linear4bit.from_linear(m, config) for n, m in targets.items()}  # may raise: nothing changed yet
     freeze(model)
     for name, layer in new.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        replace_module(model, name, layer)
     return model
 
 
@@ -178,8 +184,7 @@ def dequantize_nf4(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.M
             linear.weight.copy_(q.dequantized_weight(dtype))
             if q.bias is not None:
                 linear.bias.copy_(q.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, linear)
+        replace_module(model, name, linear)
     return model
 
 

@@ -22,12 +22,13 @@ def memory_widget():
     import ipywidgets as w
     from IPython.display import display
 
+    from .methods import METHODS
     from .presets import PRESETS
     from .plots import plot_memory_estimate
 
     controls = dict(
         preset=w.Dropdown(options=list(PRESETS), value="Llama-2-7B", description="model"),
-        method=w.Dropdown(options=["full", "prompt", "prefix", "adapter", "lora"], value="lora", description="method"),
+        method=w.Dropdown(options=list(METHODS), value="lora", description="method"),
         r=w.Dropdown(options=[1, 2, 4, 8, 16, 32, 64, 128], value=8, description="LoRA rank"),
         base_dtype=w.ToggleButtons(options=["fp32", "bf16", "nf4"], value="bf16", description="base weights",
                                    style={"description_width": "initial", "button_width": "64px"},
@@ -40,10 +41,11 @@ def memory_widget():
     def draw(**kwargs):
         out.clear_output(wait=True)
         with out:
-            if kwargs["method"] == "full" and kwargs["base_dtype"] == "nf4":
-                print("full fine-tuning cannot train 4-bit weights: choose fp32 or bf16")
+            try:
+                fig = plot_memory_estimate(**kwargs)
+            except ValueError as e:  # a combination the formula refuses, e.g. full fine-tuning of 4-bit weights
+                print(e)
                 return
-            fig = plot_memory_estimate(**kwargs)
             _show(fig)
 
     def rank_only_for_lora(change):

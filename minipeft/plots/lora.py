@@ -4,6 +4,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..lora import subspace_similarity
+
 
 def singular_values(delta) -> np.ndarray:
     """Singular values of a weight update ``delta`` (tensor or array), largest first, in float64."""
@@ -30,7 +32,6 @@ def lowrank_numbers(delta_full, delta_lora, r: int) -> dict:
     subspace similarity of the LoRA update's top min(r, its rank) directions with the full update's
     top r, and ``chance``, what random directions would give (r / d).
     """
-    from ..lora import subspace_similarity
     full, lora = _np(delta_full), _np(delta_lora)
     s_full, s_lora = singular_values(full), singular_values(lora)
     lora_rank = int((s_lora > 1e-6 * s_lora[0]).sum()) if s_lora[0] > 0 else 0
@@ -68,13 +69,11 @@ def plot_energy_curves(deltas: dict, r: int = 8, ax=None, max_rank: int = 128):
 
 
 def phi_curve(delta_lora, delta_full, ranks, i: int | None = None) -> np.ndarray:
-    """``phi(LoRA, full, min(i, j), j)`` for each j in ``ranks`` (``i``: default all of LoRA's directions),
-    the subspace similarity of :func:`minipeft.lora.subspace_similarity` with each SVD done once."""
-    U_lora = np.linalg.svd(_np(delta_lora), full_matrices=False)[0]
-    U_full = np.linalg.svd(_np(delta_full), full_matrices=False)[0]
-    i = U_lora.shape[1] if i is None else i
-    overlap = (U_lora.T @ U_full) ** 2  # (k, k): squared cosines between the two sets of directions
-    return np.array([overlap[:min(i, j), :j].sum() / min(i, j) for j in ranks])
+    """``phi(LoRA, full, min(i, j), j)`` for each j in ``ranks`` (``i``: default all of LoRA's directions):
+    :func:`minipeft.lora.subspace_similarity`, each SVD done once."""
+    i = min(_np(delta_lora).shape) if i is None else i
+    ranks = [int(j) for j in ranks]
+    return np.array(subspace_similarity(_np(delta_lora), _np(delta_full), [min(i, j) for j in ranks], ranks))
 
 
 def plot_lowrank(delta_full, delta_lora, r: int, layer: str = "", max_rank: int = 64):
