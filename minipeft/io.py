@@ -366,6 +366,9 @@ def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool 
         raise ValueError(f"a full checkpoint loads into a plain base; this one has {sorted(methods_in(base))}")
     if any(m.merged for m in lora_layers(base).values()):
         raise ValueError("this base has a LoRA adapter merged into its weights: call mp.unmerge_lora first")
+    if name is not None and name in METHODS[method].names(base):
+        raise ValueError(f"the base already has a {method} adapter named {name!r}: pass name= to load this one "
+                         f"under another name")
     _check_sizes(options, base, directory / CONFIG_NAME)
     tensors = _read_tensors(directory)
     try:

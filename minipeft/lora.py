@@ -113,7 +113,7 @@ class LoRALinear(nn.Module):
         if self.rows is not None:  # a mixed batch: each adapter adds its update to its own rows only
             n_rows, rows_of = self.rows
             if x.shape[0] != n_rows:
-                raise ValueError(f"{n_rows} adapter names (one per row) for a batch of {x.shape[0]} rows")
+                raise ValueError(f"{n_rows} adapter names for a batch of {x.shape[0]} rows (one name per row)")
             for name, rows in rows_of.items():
                 if name in self.adapters:
                     y = y.index_add(0, rows, self.adapters[name](x[rows]))

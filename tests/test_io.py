@@ -161,14 +161,14 @@ def test_three_adapters_in_one_base_and_a_mixed_batch(tiny_model, tiny_config, b
     served = _fresh(tiny_config, base_state)
     for task in singles:
         mp.load_adapter(served, tmp_path / task, name=task)  # renamed on load
-    assert mp.lora_adapters(served) == ["rotate", "caesar", "sortdesc"]
+    assert mp.list_adapters(served) == ["rotate", "caesar", "sortdesc"]
     for task, y in singles.items():
-        mp.set_lora_adapter(served, task)
+        mp.set_adapter(served, task)
         assert torch.equal(served(x), y)  # the same adapter through the same kernels as when it was saved
     rows = ["rotate", "caesar", "sortdesc", None, "caesar", "rotate"]
-    with mp.lora_adapter_per_row(served, rows):
+    with mp.adapter_per_row(served, rows):
         mixed = served(x)
-    with mp.disable_lora(served):
+    with mp.disable_adapter(served):
         singles[None] = served(x)
     # a mixed batch runs each adapter on its rows only (other matmul shapes): a tolerance, and a row
     # served by another task's adapter (a realistic mistake) misses by far more
@@ -186,7 +186,7 @@ def test_save_picks_the_named_adapter(tiny_model, tiny_config, base_state, tmp_p
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["options"]["r"] == 4
     loaded = mp.load_adapter(_fresh(tiny_config, base_state), tmp_path / "b")
     x = _x(tiny_config)
-    assert mp.lora_adapters(loaded) == ["b"] and torch.equal(loaded(x), tiny_model(x))  # same kernels, same tensors
+    assert mp.list_adapters(loaded) == ["b"] and torch.equal(loaded(x), tiny_model(x))  # same kernels, same tensors
 
 
 def test_no_pickle_is_ever_read(tiny_model, tmp_path):
@@ -224,8 +224,8 @@ def test_three_prefixes_loaded_into_one_base_and_a_mixed_batch(tiny_model, tiny_
     for task in singles:
         mp.load_adapter(served, tmp_path / task, name=task)
     rows = ["sortdesc", "rotate", "caesar", "rotate"]
-    mp.set_prefix(served, rows)  # one prefix per row, one forward pass
-    mixed = served(x)
+    with mp.adapter_per_row(served, rows):  # one prefix per row, one forward pass
+        mixed = served(x)
     other = {"rotate": "caesar", "caesar": "sortdesc", "sortdesc": "rotate"}  # a mistake: another task's prefix
     for b, task in enumerate(rows):  # the same maths on another batch's cache: a tolerance
         assert_close_and_sensitive(mixed[b], singles[task][b], wrong=singles[other[task]][b])

@@ -168,7 +168,7 @@ def test_dequantize_nf4_then_merge_exactly(tiny_model):
     for layer in mp.lora_layers(tiny_model).values():
         nn.init.normal_(layer.lora_B, std=0.05)
     y = tiny_model(x)
-    with mp.disable_lora(tiny_model):
+    with mp.disable_adapter(tiny_model):
         y_base = tiny_model(x)  # what a merge that dropped the update would give
     w_hat = tiny_model.blocks[1].mlp.fc_in.base_layer.dequantized_weight()
     assert mp.dequantize_nf4(tiny_model) is tiny_model and not mp.linear4bit_layers(tiny_model)
