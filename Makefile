@@ -19,7 +19,7 @@ lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: $(VENV)/.installed
-	MINIPEFT_QUICK=1 $(PY) -m pytest -q --durations=10 --nbval-lax tests notebooks
+	MINIPEFT_QUICK=1 MINIPEFT_CACHE=0 $(PY) -m pytest -q --durations=10 --nbval-lax tests notebooks
 	$(MAKE) --no-print-directory browser
 
 unit: $(VENV)/.installed
@@ -27,7 +27,7 @@ unit: $(VENV)/.installed
 
 # the widget notebooks in JupyterLab in headless Chromium (part of `make test`; skips without chromium + playwright)
 browser: $(VENV)/.installed
-	MINIPEFT_QUICK=1 $(PY) -m pytest -q -rs tests/browser
+	MINIPEFT_QUICK=1 MINIPEFT_CACHE=0 $(PY) -m pytest -q -rs tests/browser
 
 pretrain: $(VENV)/.installed
 	$(PY) -m minipeft pretrain

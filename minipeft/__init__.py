@@ -12,7 +12,7 @@ One flat namespace::
 from .model import GPT, GPTConfig, KVCache
 from .tasks import (CHARS, DOWNSTREAM_TASKS, PRETRAIN_TASKS, TASKS, CharTokenizer, Task,
                     encode_batch, exact_match, make_task, solve, token_accuracy, tokenizer)
-from .train import QUICK, History, budget, default_device, evaluate, train
+from .train import QUICK, History, budget, default_device, evaluate, train, train_step
 from .full import freeze, full_finetune, print_trainable_parameters, trainable_parameters
 from .base import base_report, load_base, pretrain
 
@@ -34,5 +34,10 @@ from .presets import PRESETS, ModelShape
 # --- saving and loading adapters (io.py) ---
 from .io import (AdapterFileError, BaseMismatchError, base_fingerprint, base_state_dict, load_adapter,
                  read_adapter_config, save_adapter)
+
+# --- experiments: splits, learning-rate search, seeds, intervals, verdicts, the results cache ---
+from .protocol import (Paired, RunResult, Search, Summary, grid_search, log_grid, lr_search, paired, print_verdict,
+                       run, summary, t975, trainable_percent, verdict)
+from .cache import Cache, clear_cache
 
 __version__ = "0.1.0"

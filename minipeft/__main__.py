@@ -1,5 +1,6 @@
-"""Command line: ``python -m minipeft pretrain`` (re-make the shipped base model) and
-``python -m minipeft compare`` (every method on one task: the comparison table)."""
+"""Command line: ``python -m minipeft pretrain`` (re-make the shipped base model),
+``python -m minipeft compare`` (every method on one task: the comparison table) and
+``python -m minipeft cache clear`` (forget every cached training run)."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,8 @@ def main(argv=None) -> int:
     c.add_argument("--eval-examples", type=int, default=None,
                    help="examples per evaluation (the task, and each pretraining task for forgetting)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k = sub.add_parser("cache", help="the results cache of training runs (.minipeft_cache/)")
+    k.add_argument("action", choices=["clear"], help="clear: delete every cached run")
     args = parser.parse_args(argv)
 
     if args.command == "pretrain":
@@ -31,6 +34,9 @@ def main(argv=None) -> int:
         overrides = {} if args.steps is None else {"steps": args.steps}
         report = pretrain(args.out or BASE_DIR, **overrides)
         print(json.dumps(report, indent=2))
+    if args.command == "cache":
+        from .cache import clear_cache
+        clear_cache()
     if args.command == "compare":
         from .report import main as compare
         return compare(args, argv)

@@ -35,7 +35,7 @@ per-layer scaling), causal mask, no dropout at eval. Both models hold the same n
    would learn k and cross terms if trained): that is where the two models part, and why the fair
    parameter-count comparison is the first one.
 
-Tolerances (float32, CPU): logits ``atol=rtol=1e-5``, i.e. ``|ours - theirs| <= 1e-5 + 1e-5 |theirs|``
+Tolerances (float32, CPU): logits ``atol=1e-4, rtol=1e-5``, i.e. ``|ours - theirs| <= 1e-4 + 1e-5 |theirs|``
 (the base's logits reach 24; the two routes differ by up to ~1.5e-5 there, a relative 6e-7, because
 GPT-2 multiplies the scores by ``head_dim**-0.5`` where we divide by ``sqrt(head_dim)``; the tanh GELU
 moves them by 3e-2); gradients ``atol=1e-6, rtol=1e-4`` (they reach O(1); the routes differ by < 1e-6).
@@ -61,7 +61,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside PEFT
 
-LOGITS = dict(atol=1e-5, rtol=1e-5)
+LOGITS = dict(atol=1e-4, rtol=1e-5)  # logits reach ~24; one of 7,872 moved 1.25e-5 under ATEN_CPU_CAPABILITY=avx2
 GRADS = dict(atol=1e-6, rtol=1e-4)
 MERGED = dict(atol=1e-4, rtol=1e-4)  # one model merged vs not: (W + dW) x against W x + B A x, dW large here
 R, ALPHA = 8, 16
