@@ -10,7 +10,7 @@ base: LoRA (r = 8 on q and v, random values: speed does not depend on what was l
 machine's load:
 
 * ``lora mixed`` / ``prefix mixed``: one pass over the whole batch, each row with its own adapter
-  (``lora_adapter_per_row`` / ``set_prefix(model, names)``);
+  (``mp.adapter_per_row(model, names)``, for LoRA and prefixes alike);
 * ``lora per task`` / ``prefix per task``: switch the adapter and run one smaller batch per task;
 * ``merged``: N merged single-task models (dW folded into a copy of the base), one batch each;
 * ``base``: the plain base model on the whole batch, the ceiling (no adapter, no wrapper).
@@ -56,7 +56,7 @@ def serving_models(n_tasks: int, seed: int = 0):
                 layer.adapters[t].lora_B.normal_(0, 0.02)
     merged = {}
     for t in names:
-        mp.set_lora_adapter(lora, t)
+        mp.set_adapter(lora, t)
         merged[t] = mp.unload_lora(mp.merge_lora(copy.deepcopy(lora)))
     prefix = mp.load_base()
     for i, t in enumerate(names):
@@ -77,20 +77,23 @@ def time_ways(n_tasks: int, batch: int, new_tokens: int, repeats: int) -> dict[s
             out[rows] = run(t, ids[rows])
         return out
 
+    def mixed(model):
+        with mp.adapter_per_row(model, names):
+            return model.generate(ids, new_tokens)
+
     def lora_mixed():
-        with mp.lora_adapter_per_row(lora, names):
-            return lora.generate(ids, new_tokens)
+        return mixed(lora)
 
     def lora_per_task():
-        return per_group(lambda t, x: mp.set_lora_adapter(lora, t).generate(x, new_tokens))
+        return per_group(lambda t, x: mp.set_adapter(lora, t).generate(x, new_tokens))
 
     ways = {
         "lora mixed": lora_mixed,
         "lora per task": lora_per_task,
         "merged": lambda: per_group(lambda t, x: merged[t].generate(x, new_tokens)),
         "base": lambda: plain.generate(ids, new_tokens),
-        "prefix mixed": lambda: mp.set_prefix(prefix, names).generate(ids, new_tokens),
-        "prefix per task": lambda: per_group(lambda t, x: mp.set_prefix(prefix, t).generate(x, new_tokens)),
+        "prefix mixed": lambda: mixed(prefix),
+        "prefix per task": lambda: per_group(lambda t, x: mp.set_adapter(prefix, t).generate(x, new_tokens)),
     }
     # mixed and per-task batches must give the same answers, else the timing would compare different work
     assert torch.equal(lora_mixed(), lora_per_task()), "LoRA: mixed batch and per-task batches disagree"
