@@ -19,6 +19,9 @@ SMALL = {"prompt": {"n_tokens": 4}, "prefix": {"n_prefix": 3}, "adapter": {"bott
 # methods whose trainable part is an exact identity at initialisation (B = 0, W_up = 0); prompt and
 # prefix tuning put vectors in front of the text, which changes the output from the first step
 IDENTITY_AT_START = {"full", "adapter", "lora"}
+# the parameter names each method's trainable tensors have, written out by hand (not taken from the library)
+OWN_NAMES = {"prompt": "prompt_tuning.embedding", "prefix": "prefix_tuning.", "adapter": ".adapters.",
+             "lora": ".lora_"}
 
 
 def apply(model, method, seed=0, **extra):
@@ -51,6 +54,7 @@ def test_gradients_reach_only_the_method_and_the_base_stays_bit_for_bit(tiny_mod
     loss_fn(tiny_model, x, y).backward()
     with_grad = {n for n, p in tiny_model.named_parameters() if p.grad is not None}
     assert with_grad and all(id(tiny_model.get_parameter(n)) in own for n in with_grad)
+    assert with_grad == {n for n, _ in tiny_model.named_parameters() if OWN_NAMES[method] in n}
     tiny_model.zero_grad(set_to_none=True)
     mp.train(tiny_model, task, steps=3, lr=1e-2, batch_size=8, progress=False)
     after = mp.base_state_dict(tiny_model)
