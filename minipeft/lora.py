@@ -74,8 +74,9 @@ class LoRAAdapter(nn.Module):
         return self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # scaling * B A x as two thin products, never forming dW: (..., in) -> (..., r) -> (..., out)
-        return self.dropout(x) @ self.lora_A.T @ self.lora_B.T * self.scaling
+        # scaling * B A x as two thin products, never forming dW: (..., in) -> (..., r) -> (..., out);
+        # the scaling multiplies the thin (..., r) middle, r numbers a row instead of out
+        return (self.dropout(x) @ self.lora_A.T * self.scaling) @ self.lora_B.T
 
     def extra_repr(self) -> str:
         rs = ", rslora" if self.rslora else ""
