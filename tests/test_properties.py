@@ -83,6 +83,7 @@ def bad_float(strict: bool = True, high: float | None = None):
     return st.one_of(*out)
 
 
+NOT_NONE = lambda v: v is not None  # noqa: E731  (None is the valid default of these)
 BAD_BOOL = st.one_of(st.none(), st.text(max_size=4), st.integers(), st.floats(), st.lists(st.booleans(), max_size=2))
 
 
@@ -168,7 +169,8 @@ SPECS = {
     "add_adapters": Spec(mp.add_adapters, lambda m, f: dict(model=m, bottleneck=4, placement="houlsby", name="a",
                                                              activation=None, seed=0),
                          dict(GPT, bottleneck=bad_int(1), placement=bad_choice(("houlsby", "pfeiffer")),
-                              name=BAD_NAME, activation=bad_choice(("relu", "gelu")).filter(lambda v: v is not None), seed=NOT_INT),
+                              name=BAD_NAME, activation=bad_choice(("relu", "gelu")).filter(NOT_NONE),
+                              seed=NOT_INT),
                          words=MODEL_WORDS),
     "compose_adapters": Spec(mp.compose_adapters, lambda m, f: dict(model=_with_adapters(m), names=["a", "b"],
                                                                      combine="stack"),
@@ -202,23 +204,26 @@ SPECS = {
                                                seed=0, warmup=0, weight_decay=0.0, eval_every=0, device="cpu",
                                                progress=False),
                   dict(MODEL, task=st.one_of(st.sampled_from(["rotate", None, 3, [], [None]])), steps=bad_int(1),
-                       lr=bad_float(), batch_size=bad_int(1), seed=NOT_INT, warmup=bad_int(0, high=1).filter(lambda v: v is not None),
+                       lr=bad_float(), batch_size=bad_int(1), seed=NOT_INT,
+                       warmup=bad_int(0, high=1).filter(NOT_NONE),
                        weight_decay=bad_float(strict=False), eval_every=bad_int(0),
                        device=st.one_of(st.sampled_from(["tpu", "gpu", "", True]), st.floats(), st.lists(
                            st.integers(), max_size=2)), progress=BAD_BOOL),
                   words=MODEL_WORDS),
     "evaluate": Spec(mp.evaluate, lambda m, f: dict(model=m, task=_task(), split="val", batch_size=4, max_examples=8),
                      dict(MODEL, task=st.sampled_from(["rotate", None, 3, []]), split=bad_choice(("train", "val")),
-                          batch_size=bad_int(1), max_examples=bad_int(1).filter(lambda v: v is not None)),
+                          batch_size=bad_int(1), max_examples=bad_int(1).filter(NOT_NONE)),
                      words=MODEL_WORDS),
     "make_task": Spec(mp.make_task, lambda m, f: dict(name="rotate", seed=0, n_train=4, n_val=4, n_test=0),
-                      dict(name=bad_choice(tuple(mp.TASKS)), seed=NOT_INT, n_train=bad_int(1).filter(lambda v: v is not None), n_val=bad_int(1),
+                      dict(name=bad_choice(tuple(mp.TASKS)), seed=NOT_INT, n_train=bad_int(1).filter(NOT_NONE),
+                           n_val=bad_int(1),
                            n_test=bad_int(0)),
                       words=dict(name="task")),
     "save_adapter": Spec(mp.save_adapter, lambda m, f: dict(model=_with_lora(m), directory=f / "out", name=None,
                                                              method=None),
                          dict(GPT, directory=st.sampled_from([None, 3, ["out"]]),
-                              name=st.one_of(UNKNOWN_NAME, BAD_NAME), method=bad_choice(tuple(mp.METHODS)).filter(lambda v: v is not None)),
+                              name=st.one_of(UNKNOWN_NAME, BAD_NAME),
+                              method=bad_choice(tuple(mp.METHODS)).filter(NOT_NONE)),
                          words=dict(MODEL_WORDS, name="name", method="method|adapter")),
     "load_adapter": Spec(mp.load_adapter, lambda m, f: dict(base=m, directory=_saved(m, f), name=None,
                                                              trainable=False),
@@ -228,7 +233,8 @@ SPECS = {
                          errors=dict(directory=(FileNotFoundError,))),
     "nf4.quantize": Spec(mp.nf4.quantize, lambda m, f: dict(x=torch.randn(128), blocksize=64, double_quant=False,
                                                              quant_type="nf4"),
-                         dict(x=st.one_of(st.sampled_from([torch.arange(8), torch.zeros(0), torch.tensor([1.0, math.nan]),
+                         dict(x=st.one_of(st.sampled_from([torch.arange(8), torch.zeros(0),
+                                                           torch.tensor([1.0, math.nan]),
                                                           torch.tensor([math.inf, 1.0]), [1.0, 2.0], None, 1.0])),
                               blocksize=st.one_of(NOT_INT, st.integers(max_value=0),
                                                   st.integers(min_value=3).filter(lambda b: b & (b - 1))),
