@@ -234,7 +234,7 @@ SPECS = {
     "nf4.quantize": Spec(mp.nf4.quantize, lambda m, f: dict(x=torch.randn(128), blocksize=64, double_quant=False,
                                                              quant_type="nf4"),
                          dict(x=st.one_of(st.sampled_from([torch.arange(8), torch.zeros(0),
-                                                           torch.tensor([1.0, math.nan]),
+                                                          torch.tensor([1.0, math.nan]),
                                                           torch.tensor([math.inf, 1.0]), [1.0, 2.0], None, 1.0])),
                               blocksize=st.one_of(NOT_INT, st.integers(max_value=0),
                                                   st.integers(min_value=3).filter(lambda b: b & (b - 1))),
