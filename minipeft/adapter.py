@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import Method, adapter_name, integer, one_of, positive_int, replace_module
+from .common import Method, adapter_name, integer, module, one_of, positive_int, replace_module
 from .full import freeze
 from .model import GPT
 
@@ -148,6 +148,7 @@ def add_adapters(model: GPT, bottleneck: int = 16, placement: str = "houlsby", n
 
 def compose_adapters(model: GPT, names: list[str], combine: str = "stack") -> GPT:
     """Run several adapters at once, ``combine="stack"`` (``a2(a1(h))``) or ``"average"``; they all train."""
+    module("model", model)
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise TypeError(f"names must be a list of adapter names, got {names!r}")
     unknown = sorted(set(names) - set(_names(model)))

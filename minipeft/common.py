@@ -60,6 +60,12 @@ def boolean(name: str, value) -> bool:
     return value
 
 
+def module(name: str, value) -> nn.Module:
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be a torch nn.Module (a minipeft GPT), got {type(value).__name__}")
+    return value
+
+
 def one_of(name: str, value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}")

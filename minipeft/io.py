@@ -180,6 +180,8 @@ def save_adapter(model: GPT, directory, name: str | None = None, method: str | N
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_adapter needs a minipeft GPT, got {type(model).__name__}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {directory!r}")
     present = methods_in(model)
     if method is None:
         if len(present) > 1:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .common import Method, adapter_name, boolean, positive_float, positive_int, probability, replace_module
+from .common import Method, adapter_name, boolean, module, positive_float, positive_int, probability, replace_module
 from .full import freeze
 
 
@@ -189,6 +189,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=("q_proj
     Calling it again with another ``name`` adds a second adapter (to the same or other layers); the
     newest adapter becomes the active one and the only part that trains.
     """
+    module("model", model)
     config = LoRAConfig(r, alpha, targets, dropout, rslora)  # checks the values
     adapter_name(name)
     chosen = find_targets(model, config.targets)
@@ -222,6 +223,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=("q_proj
 
 def _merge_all(model: nn.Module, sign: int, requantize: bool) -> nn.Module:
     verb = "merge" if sign == 1 else "unmerge"
+    module("model", model)
     boolean("requantize", requantize)
     layers = {w: m for w, m in lora_layers(model).items() if m.active is not None}
     if not layers:

@@ -138,9 +138,13 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
     cross-entropy (so any network can be measured). The model is left as it was: the trainable weights
     are restored after the step and the gradients cleared.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (apply a method or full_finetune first)")

@@ -20,7 +20,7 @@ import contextlib
 import torch.nn as nn
 
 from . import adapter, full, lora, prefix, prompt
-from .common import Method, adapter_name
+from .common import Method, adapter_name, module
 
 METHODS: dict[str, Method] = {m.name: m for m in (full.METHOD, prompt.METHOD, prefix.METHOD, adapter.METHOD,
                                                   lora.METHOD)}
@@ -34,6 +34,7 @@ def methods_in(model: nn.Module) -> dict[str, list]:
 
 def _named(model: nn.Module, name: str | None = None) -> Method:
     """The method of ``model`` whose adapters have names (the one holding ``name``, if given)."""
+    module("model", model)
     present = [METHODS[m] for m, names in methods_in(model).items() if METHODS[m].set_active is not None]
     if name is not None:
         present = [m for m in present if name in m.names(model)] or present
@@ -74,7 +75,7 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name``; if it was the one running, the model runs its bare base afterwards."""
-    method = _named(model, name)
+    method = _named(model, adapter_name(name))
     _known(method, model, [name])
     method.delete(model, name)
     return model
@@ -101,6 +102,8 @@ def adapter_per_row(model: nn.Module, names):
     if isinstance(names, str) or not hasattr(names, "__iter__"):
         raise TypeError(f"names must be a list with one adapter name (or None) per batch row, got {names!r}")
     names = list(names)
+    if not all(n is None or isinstance(n, str) for n in names):
+        raise TypeError(f"names must hold one adapter name (a string) or None per batch row, got {names!r}")
     if not names:
         raise ValueError("adapter_per_row needs one name per batch row, got an empty list")
     method = _named(model, next((n for n in names if n is not None), None))

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nf4
-from .common import boolean, replace_module
+from .common import boolean, module, replace_module
 from .full import freeze
 from .methods import methods_in
 
@@ -41,7 +41,7 @@ class NF4Config:
         nf4.check_blocksize(self.blocksize)
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"double_quant must be True or False, got {self.double_quant!r}")
-        if self.quant_type not in nf4.CODEBOOKS:
+        if not isinstance(self.quant_type, str) or self.quant_type not in nf4.CODEBOOKS:
             raise ValueError(f"quant_type must be one of {sorted(nf4.CODEBOOKS)}, got {self.quant_type!r}")
         if self.compute_dtype is not None and not (isinstance(self.compute_dtype, torch.dtype)
                                                    and self.compute_dtype.is_floating_point):
@@ -144,6 +144,7 @@ def quantize_nf4(model: nn.Module, skip=("tok_emb", "head"), blocksize: int = 64
     """Freeze ``model`` and replace each ``nn.Linear`` (except those named in ``skip``) by a
     :class:`Linear4bit`, in place; returns ``model``. ``mp.add_lora(model, ...)`` afterwards gives QLoRA.
     """
+    module("model", model)
     config = NF4Config(blocksize, double_quant, quant_type, compute_dtype)  # checks the values
     skip = (skip,) if isinstance(skip, str) else skip
     if not isinstance(skip, (tuple, list)) or not all(isinstance(s, str) for s in skip):

@@ -109,8 +109,13 @@ def make_task(name: str, seed: int = 0, n_train: int | None = None, n_val: int =
     the three share no input, and the test split (drawn last) leaves train and val as they were before
     it existed. ``n_train`` defaults to 2,000 (48 for a ``_few`` variant).
     """
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    for arg, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if isinstance(value, bool):
+            raise TypeError(f"{arg} must be an integer, got {value!r}")
     base = name.removesuffix("_few")
     if n_train is None:
         n_train = N_FEW if name.endswith("_few") else 2000

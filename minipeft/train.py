@@ -266,6 +266,8 @@ def _loop(model, tasks, texts, params, steps, lr, batch_size, seed, warmup, weig
 def evaluate(model: torch.nn.Module, task: Task, split: str = "val", batch_size: int = 512,
              max_examples: int | None = 1000) -> float:
     """Exact-match accuracy in [0, 1] of ``model`` on ``task``'s ``split`` ("val", "train" or "test")."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch nn.Module (a minipeft GPT), got {type(model).__name__}")
     if not isinstance(task, Task):
         raise ValueError(f"evaluate needs a Task from make_task(), got {type(task).__name__}")
     has = [s for s in SPLITS if getattr(task, s, None) is not None]  # "test" only where the Task has one

@@ -284,21 +284,6 @@ NOT_MODULE = lambda v: not isinstance(v, nn.Module)  # noqa: E731
 ANY = lambda v: True  # noqa: E731
 # (function, argument): (which bad values hit the bug, one of them, what happens)
 KNOWN_BUGS = {
-    **{(f, "model"): (NOT_MODULE if f == "compose_adapters" else ANY, None,
-                      "model=None (not an nn.Module) raises AttributeError, not a TypeError naming model")
-       for f in ("add_lora", "compose_adapters", "quantize_nf4", "merge_lora", "unmerge_lora", "set_adapter",
-                 "delete_adapter", "adapter_per_row", "evaluate", "measure_memory")},
-    ("delete_adapter", "name"): (lambda v: v is None or isinstance(v, list), None,
-                                 "name=None is accepted (no error); name=[] raises 'unhashable type: list'"),
-    ("make_task", "seed"): (ANY, None, "seed is not checked: None, 1.5, 'x', True are accepted"),
-    **{("make_task", a): (lambda v: isinstance(v, bool), True, f"{a}=True is taken for 1 (isinstance(True, int))")
-       for a in ("n_train", "n_val", "n_test")},
-    ("quantize_nf4", "quant_type"): (lambda v: isinstance(v, list), [], "quant_type=[] raises 'unhashable type: "
-                                     "list' (NF4Config tests `in nf4.CODEBOOKS` before the type)"),
-    ("adapter_per_row", "names"): (lambda v: isinstance(v, list) and any(isinstance(n, list) for n in v), [[]],
-                                   "names=[[]] raises 'unhashable type: list' (dict.fromkeys in _known)"),
-    ("save_adapter", "directory"): (ANY, None, "directory=None raises TypeError from pathlib that does not name "
-                                    "directory"),
     ("predict_memory", "double_quant"): (ANY, "yes", "double_quant is not checked: 'yes', None, 2 accepted"),
     ("predict_memory", "flash"): (ANY, "yes", "flash is not checked: 'yes', 2 accepted"),
     ("measure_memory", "seq_len"): (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 48, 49,
@@ -306,7 +291,6 @@ KNOWN_BUGS = {
                                     "finally restores only the root's mode (model.train(was_training)), so the LoRA "
                                     "layers (which add_lora inserts in training mode into an eval model) come back "
                                     "in eval mode"),
-    ("measure_memory", "seed"): (ANY, None, "seed=None raises RuntimeError from torch.manual_seed"),
 }
 
 
