@@ -148,10 +148,10 @@ def _linear_like(m: nn.Module) -> bool:
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear-like layer by name; a LoRALinear counts once (its ``base_layer`` is not listed)."""
     found, inside = {}, ()
-    for name, module in model.named_modules():  # parents come before their children
-        if name and _linear_like(module) and not name.startswith(inside):
-            found[name] = module
-        if isinstance(module, LoRALinear):
+    for name, m in model.named_modules():  # parents come before their children
+        if name and _linear_like(m) and not name.startswith(inside):
+            found[name] = m
+        if isinstance(m, LoRALinear):
             inside += (name + ".",)
     return found
 
