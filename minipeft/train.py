@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .common import boolean
 from .tasks import IGNORE, Task, encode_batch, exact_match
 
 QUICK = os.environ.get("MINIPEFT_QUICK", "") not in ("", "0")
@@ -59,12 +60,6 @@ def _finite_float(name: str, value, low: float = -math.inf, strict: bool = False
     if not math.isfinite(value) or value < low or (strict and value == low):
         what = "a positive finite number" if strict and low == 0 else f"a finite number {'>' if strict else '>='} {low:g}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
-    return value
-
-
-def _bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -198,7 +193,7 @@ def train(model: torch.nn.Module, task, steps: int = 400, lr: float = 1e-3, batc
     warmup = max(1, steps // 10) if warmup is None else _int_in_range("warmup", warmup, 0, steps)
     weight_decay = _finite_float("weight_decay", weight_decay, 0.0)
     eval_every = _int_in_range("eval_every", eval_every, 0)
-    progress = _bool("progress", progress)
+    progress = boolean("progress", progress)
     device = default_device() if device is None else _device("device", device)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
