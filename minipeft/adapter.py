@@ -134,12 +134,12 @@ def add_adapters(model: GPT, bottleneck: int = 16, placement: str = "houlsby", n
         torch.manual_seed(seed)
         for w in where:
             layer = model.get_submodule(w)
-            new[w] = Adapter(layer.out_features, config).to(layer.weight)
+            new[w] = Adapter(layer.out_features, config).to(layer.weight).train(model.training)
     freeze(model)
     for w in where:  # the surgery: o_proj / fc_out -> AdaptedLinear
         layer = model.get_submodule(w)
         if not isinstance(layer, AdaptedLinear):
-            layer = AdaptedLinear(layer)
+            layer = AdaptedLinear(layer).train(model.training)
             replace_module(model, w, layer)
         layer.adapters[name] = new[w]
     compose_adapters(model, [name])

@@ -208,6 +208,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=("q_proj
             new[where] = LoRAAdapter(layer.in_features, layer.out_features, config, _device(layer.base_layer))
         else:
             new[where] = LoRALinear(layer, r, alpha, dropout, rslora, name)
+        new[where].train(model.training)  # new modules take the model's train/eval mode
     freeze(model)
     for where, layer in chosen.items():
         if isinstance(layer, LoRALinear):

@@ -151,7 +151,7 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
     device = model_device(model)
     x, y = batch if batch is not None else random_batch(model.config.vocab_size, batch_size, seq_len, seed, device)
     before = [p.detach().to("cpu", copy=True) for p in params]  # restored after the step
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # every module's train/eval mode, restored after
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -172,6 +172,7 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
             for p, b in zip(params, before):
                 p.copy_(b)
                 p.grad = None
-        model.train(was_training)
+        for m, training in modes:
+            m.train(training)
     return MemoryBreakdown(weight_bytes(model), grads, state, saved.nbytes,
                            sum(p.numel() for p in params), peak)

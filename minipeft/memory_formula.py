@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .common import boolean, positive_int
 from .memory import MemoryBreakdown
 from .model import GPTConfig
 from .adapter import PLACEMENTS
@@ -221,9 +222,10 @@ def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_
     compute_dtype = compute_dtype or ("fp32" if base_dtype == "fp32" else "bf16")
     if compute_dtype not in DTYPE_BYTES:
         raise ValueError(f"compute_dtype must be 'fp32' or 'bf16', got {compute_dtype!r}")
-    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    batch_size, seq_len = positive_int("batch_size", batch_size), positive_int("seq_len", seq_len)
+    double_quant = boolean("double_quant", double_quant)
+    if flash is not None:
+        boolean("flash", flash)
     plan = method_plan(shape, method, **options)
     if plan.full and base_dtype == "nf4":
         raise ValueError("full fine-tuning cannot train 4-bit weights: choose base_dtype 'fp32' or 'bf16'")

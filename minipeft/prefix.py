@@ -167,9 +167,10 @@ def add_prefix_tuning(model: GPT, n_prefix: int = 10, reparam: bool = True, name
         raise ValueError(f"n_prefix={n_prefix} leaves no room for text in the context "
                          f"(block_size={model.config.block_size})")
     prefix = Prefix(config, model.config.n_layer, model.config.d_model).to(model.pos_emb.weight)  # may run out
+    prefix.train(model.training)  # new modules take the model's train/eval mode
     freeze(model)
     if getattr(model, "prefix_tuning", None) is None:
-        model.prefix_tuning = PrefixTuning(model.config.n_head, model.config.block_size)
+        model.prefix_tuning = PrefixTuning(model.config.n_head, model.config.block_size).train(model.training)
         model.register_forward_pre_hook(model.prefix_tuning.pre_hook, with_kwargs=True)
     model.prefix_tuning.prefixes[name] = prefix
     _set_active(model, name)

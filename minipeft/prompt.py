@@ -158,7 +158,7 @@ def add_prompt_tuning(model: GPT, n_tokens: int = 20, init: str = "vocab", init_
                          f"the model has {model.config.vocab_size}")
     embedding = initial_prompt(model, config)
     freeze(model)
-    model.prompt_tuning = SoftPrompt(config, embedding)
+    model.prompt_tuning = SoftPrompt(config, embedding).train(model.training)
     model.register_forward_pre_hook(model.prompt_tuning.pre_hook, with_kwargs=True)
     model.register_forward_hook(model.prompt_tuning.post_hook)
     return model

@@ -49,6 +49,16 @@ def test_measure_leaves_the_model_unchanged(tiny_model):
     assert not tiny_model.training
 
 
+def test_a_failed_measurement_restores_every_modules_mode(tiny_model):
+    """A step that fails midway (a sequence longer than the context) leaves each module's mode as it was."""
+    mp.add_lora(tiny_model.eval(), r=2, dropout=0.1)
+    tiny_model.blocks[0].train()  # a mixed state: the root in eval, one block in train
+    modes = [m.training for m in tiny_model.modules()]
+    with pytest.raises(ValueError):
+        mp.measure_memory(tiny_model, batch_size=2, seq_len=tiny_model.config.block_size + 1)
+    assert [m.training for m in tiny_model.modules()] == modes
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_optimizer_state_is_two_fp32_moments(tiny_model, method):
     """AdamW keeps m and v: 2 x trainable x 4 bytes (REFERENCES: 16 bytes per parameter in all)."""

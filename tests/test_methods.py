@@ -122,3 +122,13 @@ def test_every_method_default_is_written_once(method):
             default = tuple(default) if isinstance(default, list) else default
             default = (default,) if field == "targets" and isinstance(default, str) else default
             assert default == value, f"{method}.{field}: add_* says {default!r}, the config {value!r}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("training", [False, True])
+def test_new_modules_take_the_models_mode(tiny_model, method, training):
+    """Modules a method inserts follow the model's train/eval mode (dropout off in an eval model)."""
+    tiny_model.train(training)
+    apply(tiny_model, method)
+    apply(tiny_model, method, name="second") if mp.METHODS[method].set_rows is not None else None
+    assert [m.training for m in tiny_model.modules()] == [training] * len(list(tiny_model.modules()))

@@ -278,40 +278,14 @@ def check(spec: Spec, argument: str, value) -> None:
         assert_unchanged(before, snapshot(model, valid, folder))
 
 
-# --- known bugs, found by this test: one xfail each, left out of the random draws below ---------------------
-
-NOT_MODULE = lambda v: not isinstance(v, nn.Module)  # noqa: E731
-ANY = lambda v: True  # noqa: E731
-# (function, argument): (which bad values hit the bug, one of them, what happens)
-KNOWN_BUGS = {
-    ("predict_memory", "double_quant"): (ANY, "yes", "double_quant is not checked: 'yes', None, 2 accepted"),
-    ("predict_memory", "flash"): (ANY, "yes", "flash is not checked: 'yes', 2 accepted"),
-    ("measure_memory", "seq_len"): (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 48, 49,
-                                    "seq_len > block_size is refused by the forward pass after model.train(); the "
-                                    "finally restores only the root's mode (model.train(was_training)), so the LoRA "
-                                    "layers (which add_lora inserts in training mode into an eval model) come back "
-                                    "in eval mode"),
-}
-
-
-@pytest.mark.parametrize("function, argument", [
-    pytest.param(f, a, marks=pytest.mark.xfail(strict=True, reason=f"{f}: {bug[2]}"))
-    for (f, a), bug in KNOWN_BUGS.items()])
-def test_known_bug(function, argument):
-    """One bad value of each known bug: strict xfail, so the fix shows up as XPASS (then remove the entry)."""
-    check(SPECS[function], argument, KNOWN_BUGS[function, argument][1])
-
-
 @pytest.mark.parametrize("function", SPECS)
 @settings(max_examples=int(os.environ.get("MINIPEFT_PROPERTY_EXAMPLES", 25)), deadline=None,
           derandomize=True)  # the same draws on every run and machine
 @given(data=st.data())
 def test_bad_argument_is_refused_naming_it_and_changes_nothing(function, data):
     spec = SPECS[function]
-    argument = data.draw(st.sampled_from([a for a in sorted(spec.bad) if KNOWN_BUGS.get((function, a), (None,))[0]
-                                          is not ANY]), label="argument")
-    hit = KNOWN_BUGS.get((function, argument), (lambda v: False,))[0]
-    value = data.draw(spec.bad[argument].filter(lambda v: not hit(v)), label=argument)
+    argument = data.draw(st.sampled_from(sorted(spec.bad)), label="argument")
+    value = data.draw(spec.bad[argument], label=argument)
     check(spec, argument, value)
 
 
