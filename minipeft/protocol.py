@@ -14,7 +14,8 @@ intervals, paired comparisons and verdicts.
 * **verdict**: a measured interval against a claimed range, by the rule in :func:`verdict`;
 * **trainable %**: PEFT's, ``100 * trainable / all parameters`` of the adapted model.
 
-A run is described by a JSON-able ``spec`` (what the cache key records) and a ``build`` that makes it::
+A run is described by a JSON-able ``spec`` (what the cache key records) and a ``build`` that makes it
+(``build()``, or ``build(seed)`` for a method with its own ``seed`` option, such as adapters)::
 
     spec = {"method": "lora", "r": 8, "alpha": 16}
     build = lambda: mp.add_lora(mp.load_base(), r=8, alpha=16)
@@ -24,6 +25,7 @@ A run is described by a JSON-able ``spec`` (what the cache key records) and a ``
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import statistics
@@ -206,8 +208,7 @@ class RunResult:
         """``build()`` again (same seed) and load the kept tensors into it: the trained model."""
         if self.tensors is None:
             raise ValueError("this run kept no tensors; run it with keep_tensors=True")
-        torch.manual_seed(self.seed)
-        model = build()
+        model = _build(build, self.seed)
         params = dict(model.named_parameters())
         missing = sorted(set(self.tensors) - set(params))
         if missing:
@@ -216,6 +217,13 @@ class RunResult:
             for name, t in self.tensors.items():
                 params[name].copy_(t)
         return model
+
+
+def _build(build: Callable, seed: int) -> nn.Module:
+    """``build(seed)`` if it takes an argument (for a method's own ``seed`` option), else ``build()``;
+    under ``torch.manual_seed(seed)`` either way (LoRA's A follows it)."""
+    torch.manual_seed(seed)
+    return build(seed) if inspect.signature(build).parameters else build()
 
 
 def _cache(cache) -> Cache:
@@ -255,8 +263,7 @@ def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr
         print(f"loaded from cache: {canonical(spec)} on {task.name} (seed {seed}, lr {lr:g}, {steps} steps)")
         return RunResult(spec, seed, float(lr), History(**record["history"]), m["val"], m["test"], m["seconds"],
                          m["trainable"], m["total"], tensors if keep_tensors else None, cached=True)
-    torch.manual_seed(seed)
-    model = build()
+    model = _build(build, seed)
     hist = train(model, task, steps, lr, batch_size, seed=seed, warmup=warmup, weight_decay=weight_decay,
                  eval_every=eval_every, device=device, progress=progress)
     val = evaluate(model, task, "val", max_examples=eval_examples)

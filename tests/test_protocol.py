@@ -204,6 +204,22 @@ def test_run_equals_train_then_evaluate_by_hand(tiny_config, tiny_task):
     assert r.trainable_percent == 100.0
 
 
+def test_build_with_an_argument_gets_the_seed(tiny_config, tiny_task):
+    """A build that takes an argument receives the run's seed (for a method's own ``seed`` option)."""
+    seen = []
+
+    def build(seed):
+        seen.append(seed)
+        return mp.add_adapters(mp.GPT(tiny_config), bottleneck=4, seed=seed)
+    a = P.run({"method": "adapter"}, build, tiny_task, seed=3, lr=1e-3, keep_tensors=True, **ARGS)
+    b = P.run({"method": "adapter"}, build, tiny_task, seed=4, lr=1e-3, keep_tensors=True, **ARGS)
+    assert seen == [3, 4]
+    assert not torch.equal(a.tensors["blocks.0.attn.o_proj.adapters.default.down.weight"],
+                           b.tensors["blocks.0.attn.o_proj.adapters.default.down.weight"])
+    a.restore(build)
+    assert seen == [3, 4, 3]
+
+
 def test_trainable_percent_is_peft_s(tiny_config):
     model = mp.GPT(tiny_config)
     base = sum(p.numel() for p in model.parameters())
