@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: lab test unit browser notebooks pretrain clean
+.PHONY: lab test unit browser notebooks pretrain warm clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,15 +19,19 @@ lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: $(VENV)/.installed
-	MINIPEFT_QUICK=1 MINIPEFT_CACHE=0 $(PY) -m pytest -q --durations=10 --nbval-lax tests notebooks
+	MINIPEFT_QUICK=1 MINIPEFT_CACHE=0 $(PY) -m pytest -q --durations=10 --nbval-lax --ignore=tests/browser tests notebooks
 	$(MAKE) --no-print-directory browser
 
 unit: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --ignore=tests/browser tests
 
 # the widget notebooks in JupyterLab in headless Chromium (part of `make test`; skips without chromium + playwright)
 browser: $(VENV)/.installed
 	MINIPEFT_QUICK=1 MINIPEFT_CACHE=0 $(PY) -m pytest -q -rs tests/browser
+
+# before a lecture: every notebook once in default mode, filling the results cache (.minipeft_cache/)
+warm: $(VENV)/.installed
+	$(PY) -m minipeft warm
 
 pretrain: $(VENV)/.installed
 	$(PY) -m minipeft pretrain
