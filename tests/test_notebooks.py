@@ -42,7 +42,7 @@ def test_notebook_opens_with_versions_and_a_title(path):
 # nbval compares the output of a "# NBVAL_CHECK_OUTPUT" cell character by character, so such a cell may print
 # only what is the same on every CPU and thread count (counts, shapes, code books, seeded draws): never the
 # result of training, evaluation, a measurement or a clock, whose last digits move with the summation order
-MEASURED = re.compile(r"\b(train|train_step|evaluate|exact_match|token_accuracy|solve|measure_memory|"
+MEASURED = re.compile(r"\b(train|train_step|run|lr_search|evaluate|exact_match|token_accuracy|solve|measure_memory|"
                       r"perf_counter|monotonic|time\.time)\s*\(")
 
 
@@ -58,4 +58,6 @@ def test_compared_cells_print_nothing_that_depends_on_the_cpu(path):
 def test_the_measured_pattern_catches_a_training_cell():
     assert MEASURED.search("history = mp.train(model, task, steps=10)")
     assert MEASURED.search("acc = mp.evaluate(model, task)") and MEASURED.search("t0 = time.perf_counter()")
+    assert MEASURED.search("r = mp.run(spec, build, task, seed=0, lr=1e-2, steps=300)")
+    assert MEASURED.search("search = mp.lr_search(spec, build, task, grid=grid, steps=300)")
     assert not MEASURED.search("mp.print_trainable_parameters(model)")  # counts are exact
