@@ -19,11 +19,12 @@ import contextlib
 
 import torch.nn as nn
 
-from . import adapter, full, lora, prefix, prompt
+from . import adapter, dora, full, ia3, lora, prefix, prompt
 from .common import Method, adapter_name, module
 
 METHODS: dict[str, Method] = {m.name: m for m in (full.METHOD, prompt.METHOD, prefix.METHOD, adapter.METHOD,
                                                   lora.METHOD)}
+METHODS.update({m.name: m for m in (ia3.METHOD, dora.METHOD)})  # beyond the lecture (IA3, DoRA)
 
 
 def methods_in(model: nn.Module) -> dict[str, list]:
