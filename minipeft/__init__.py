@@ -22,6 +22,8 @@ from .prefix import Prefix, PrefixTuning, PrefixTuningConfig, add_prefix_tuning,
 from .adapter import AdaptedLinear, Adapter, AdapterConfig, add_adapters, compose_adapters
 from .lora import (LoRAAdapter, LoRAConfig, LoRALinear, add_lora, find_targets, linear_layers, lora_layers,
                    merge_lora, subspace_similarity, unload_lora, unmerge_lora)
+from .ia3 import IA3Config, IA3Linear, add_ia3, merge_ia3        # beyond the lecture: IA3 and DoRA
+from .dora import DoRAConfig, DoRALinear, add_dora, merge_dora
 from .methods import (METHODS, active_adapter, adapter_per_row, delete_adapter, disable_adapter, list_adapters,
                       methods_in, set_adapter)
 # --- NF4 and QLoRA (nf4.py, qlora.py) ---
