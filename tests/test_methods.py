@@ -16,12 +16,15 @@ METHODS = list(mp.METHODS)
 PEFT = [m for m in METHODS if m != "full"]
 # small options for testing efficiency; everything else is the method's config default
 SMALL = {"prompt": {"n_tokens": 4}, "prefix": {"n_prefix": 3}, "adapter": {"bottleneck": 4}, "lora": {"r": 2}}
+SMALL.update(dora={"r": 2})  # IA3 has no size option
 # methods whose trainable part is an exact identity at initialisation (B = 0, W_up = 0); prompt and
 # prefix tuning put vectors in front of the text, which changes the output from the first step
 IDENTITY_AT_START = {"full", "adapter", "lora"}
+IDENTITY_AT_START |= {"ia3", "dora"}  # IA3: vectors of ones; DoRA: B = 0 and m = ||W||_c (g - 1 = 0 exactly)
 # the parameter names each method's trainable tensors have, written out by hand (not taken from the library)
 OWN_NAMES = {"prompt": "prompt_tuning.embedding", "prefix": "prefix_tuning.", "adapter": ".adapters.",
              "lora": ".lora_"}
+OWN_NAMES.update(ia3=".ia3.ia3_l", dora=".dora.")
 
 
 def apply(model, method, seed=0, **extra):
