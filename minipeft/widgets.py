@@ -1,16 +1,55 @@
 """Thin ipywidgets front ends: each wires sliders to a plain, unit-tested function of :mod:`minipeft.plots`.
 
 Headless runs (CI, nbval) never move a slider, which is why the work lives in those functions.
+
+Every widget is shown with a PNG of the figure it drew first, next to the widget itself: a front end that
+cannot run the widget (a notebook JupyterLab does not trust, which is every freshly cloned one; GitHub;
+nbviewer) shows that picture instead of the text ``VBox(children=...``. A trusted notebook stored with its
+widget state (``--ExecutePreprocessor.store_widget_state=True``) draws the widget itself, from that state.
 """
 from __future__ import annotations
 
+import base64
+import io
 
-def _show(fig):
-    """Draw ``fig`` into the current output area and close it (works with any matplotlib backend)."""
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-    display(fig)
-    plt.close(fig)
+import ipywidgets as w
+from IPython.display import Image, display
+
+
+class _FigureBox(w.VBox):
+    """Rows of controls above an ``Output`` holding ``plot(**values)``, redrawn on every change (after
+    ``before(**values)``, for controls that follow others); shown with its last picture (module docstring)."""
+
+    def __init__(self, rows, controls: dict, plot, before=None):
+        self._out, self._png, self._plot, self._before = w.Output(), None, plot, before
+        super().__init__([*rows, self._out])
+        w.interactive_output(self._draw, controls)
+
+    def _draw(self, **values):
+        """Replace the figure with ``plot(**values)`` (a ValueError from it is printed instead)."""
+        import matplotlib.pyplot as plt
+
+        if self._before:
+            self._before(**values)
+        self._out.clear_output(wait=True)  # the old figure stays until the new one is shown: no flicker
+        with self._out:
+            try:
+                fig = self._plot(**values)
+            except ValueError as e:  # a combination the formula refuses, e.g. full fine-tuning of 4-bit weights
+                self._png = None
+                print(e)
+                return
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", bbox_inches="tight")  # rendered once, whatever the backend
+            plt.close(fig)
+            self._png = buffer.getvalue()
+            display(Image(self._png))
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if self._png is not None:
+            bundle["image/png"] = base64.b64encode(self._png).decode()
+        return bundle
 
 
 # --- memory ---------------------------------------------------------------------------------------
@@ -19,9 +58,6 @@ def _show(fig):
 def memory_widget():
     """Model preset, method, LoRA rank, base precision, batch and sequence length -> the predicted bar
     and the GPU sizes it fits (:func:`minipeft.plots.plot_memory_estimate`)."""
-    import ipywidgets as w
-    from IPython.display import display
-
     from .methods import METHODS
     from .presets import PRESETS
     from .plots import plot_memory_estimate
@@ -36,25 +72,13 @@ def memory_widget():
         batch_size=w.IntSlider(value=4, min=1, max=64, description="batch"),
         seq_len=w.Dropdown(options=[128, 256, 512, 1024, 2048, 4096], value=512, description="tokens"),
     )
-    out = w.Output()
 
-    def draw(**kwargs):
-        out.clear_output(wait=True)
-        with out:
-            try:
-                fig = plot_memory_estimate(**kwargs)
-            except ValueError as e:  # a combination the formula refuses, e.g. full fine-tuning of 4-bit weights
-                print(e)
-                return
-            _show(fig)
+    def rank_only_for_lora(method, **_):
+        controls["r"].disabled = method != "lora"
 
-    def rank_only_for_lora(change):
-        controls["r"].disabled = change["new"] != "lora"
-
-    controls["method"].observe(rank_only_for_lora, names="value")
-    w.interactive_output(draw, controls)
-    display(w.VBox([w.HBox([controls["preset"], controls["method"], controls["r"]]), controls["base_dtype"],
-                    w.HBox([controls["batch_size"], controls["seq_len"]]), out]))
+    display(_FigureBox([w.HBox([controls["preset"], controls["method"], controls["r"]]), controls["base_dtype"],
+                        w.HBox([controls["batch_size"], controls["seq_len"]])],
+                       controls, plot_memory_estimate, before=rank_only_for_lora))
 
 
 # --- LoRA -----------------------------------------------------------------------------------------
@@ -65,23 +89,16 @@ def lowrank_widget(deltas_full: dict, deltas_lora: dict, r: int = 8, max_rank: i
 
     ``deltas_full`` / ``deltas_lora``: ``{layer name: dW}`` from full fine-tuning and from LoRA (the
     layers present in both are offered)."""
-    import ipywidgets as w
-    from IPython.display import display
-
     from .plots import plot_lowrank
 
     layers = [name for name in deltas_lora if name in deltas_full]
     controls = dict(layer=w.Dropdown(options=layers, value=layers[0], description="layer"),
                     r=w.IntSlider(value=r, min=1, max=max_rank, description="rank r"))
-    out = w.Output()
 
-    def draw(layer, r):
-        out.clear_output(wait=True)
-        with out:
-            _show(plot_lowrank(deltas_full[layer], deltas_lora[layer], r, layer, max_rank))
+    def plot(layer, r):
+        return plot_lowrank(deltas_full[layer], deltas_lora[layer], r, layer, max_rank)
 
-    w.interactive_output(draw, controls)
-    display(w.VBox([w.HBox([controls["layer"], controls["r"]]), out]))
+    display(_FigureBox([w.HBox([controls["layer"], controls["r"]])], controls, plot))
 
 
 # --- NF4 ------------------------------------------------------------------------------------------
@@ -91,9 +108,6 @@ def nf4_bins_widget(weights: dict, blocksize: int = 64):
     """Layer, block, block size, code book and double quantisation over :func:`minipeft.plots.plot_nf4_bins`.
 
     ``weights``: ``{layer name: weight tensor}``."""
-    import ipywidgets as w
-    from IPython.display import display
-
     from .plots import plot_nf4_bins
 
     names = list(weights)
@@ -104,18 +118,19 @@ def nf4_bins_widget(weights: dict, blocksize: int = 64):
         quant_type=w.ToggleButtons(options=["nf4", "fp4", "int4"], value="nf4", description="code book"),
         double_quant=w.Checkbox(value=False, description="double quantisation"),
     )
-    out = w.Output()
 
-    def draw(layer, block, blocksize, quant_type, double_quant):
-        n_blocks = -(-weights[layer].numel() // blocksize)
-        controls["block"].max = n_blocks - 1  # the slider follows the layer and the block size
-        out.clear_output(wait=True)
-        with out:
-            _show(plot_nf4_bins(weights[layer], min(block, n_blocks - 1), blocksize, quant_type, double_quant, layer))
+    def n_blocks(layer, blocksize):
+        return -(-weights[layer].numel() // blocksize)
 
-    w.interactive_output(draw, controls)
-    display(w.VBox([w.HBox([controls["layer"], controls["blocksize"], controls["double_quant"]]),
-                    w.HBox([controls["block"], controls["quant_type"]]), out]))
+    def follow(layer, blocksize, **_):  # the block slider follows the layer and the block size
+        controls["block"].max = n_blocks(layer, blocksize) - 1
+
+    def plot(layer, block, blocksize, quant_type, double_quant):
+        block = min(block, n_blocks(layer, blocksize) - 1)
+        return plot_nf4_bins(weights[layer], block, blocksize, quant_type, double_quant, layer)
+
+    display(_FigureBox([w.HBox([controls["layer"], controls["blocksize"], controls["double_quant"]]),
+                        w.HBox([controls["block"], controls["quant_type"]])], controls, plot, before=follow))
 
 
 # --- prompt tuning, prefix tuning, adapters ----------------------------------------------------------
@@ -124,18 +139,11 @@ def nf4_bins_widget(weights: dict, blocksize: int = 64):
 def sweep_widget(x, values, histories=None, xlabel: str = "", ylabel: str = "exact match", title: str = ""):
     """A slider over the stored sweep ``x`` (for example the number of virtual tokens) redrawing
     :func:`minipeft.plots.plot_sweep_selection`; nothing is retrained."""
-    import ipywidgets as w
-    from IPython.display import display
-
     from .plots import plot_sweep_selection
 
     slider = w.SelectionSlider(options=list(x), value=list(x)[-1], description=xlabel or "x")
-    out = w.Output()
 
-    def draw(selected):
-        out.clear_output(wait=True)
-        with out:
-            _show(plot_sweep_selection(x, values, selected, histories, xlabel, ylabel, title))
+    def plot(selected):
+        return plot_sweep_selection(x, values, selected, histories, xlabel, ylabel, title)
 
-    w.interactive_output(draw, dict(selected=slider))
-    display(w.VBox([slider, out]))
+    display(_FigureBox([slider], dict(selected=slider), plot))

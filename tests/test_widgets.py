@@ -1,80 +1,120 @@
-"""The ipywidgets front ends, driven without a browser: moving a control redraws the figure."""
+"""The ipywidgets front ends, driven without a browser: moving a control redraws the figure, and the
+widget carries a PNG of its figure for front ends that cannot draw widgets (an untrusted notebook)."""
+import base64
+import io
+
 import matplotlib
 import pytest
 import torch
 
 matplotlib.use("Agg")  # a plain backend: the widgets must not depend on the notebook's inline one
 
-import IPython.display  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.image  # noqa: E402
+from IPython.display import Image  # noqa: E402
 
-from minipeft import widgets  # noqa: E402
+from minipeft import plots, widgets  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 @pytest.fixture
 def shown(monkeypatch):
-    """Everything the widgets pass to IPython's display(), in order."""
+    """Everything the widgets pass to display(), in order: the widget box, then each picture."""
     items = []
-    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: items.extend(objs))
+    monkeypatch.setattr(widgets, "display", lambda *objs, **kw: items.extend(objs))
     return items
 
 
-def figures(items):
-    return [x for x in items if isinstance(x, Figure)]
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every figure the plot functions behind the widgets returned, in order."""
+    figures = []
+
+    def spy(f):
+        return lambda *a, **kw: figures.append(f(*a, **kw)) or figures[-1]
+
+    for name in ("plot_memory_estimate", "plot_lowrank", "plot_nf4_bins", "plot_sweep_selection"):
+        monkeypatch.setattr(plots, name, spy(getattr(plots, name)))
+    return figures
 
 
-def test_memory_widget_redraws_and_greys_out_the_rank(shown):
+def pictures(items):
+    return [x for x in items if isinstance(x, Image)]
+
+
+def box_of(items):
+    return next(x for x in items if isinstance(x, widgets.w.VBox))
+
+
+def test_memory_widget_redraws_and_greys_out_the_rank(shown, drawn):
     widgets.memory_widget()
-    box = shown[-1]
+    box = box_of(shown)
     (preset, method, rank), base_dtype, (batch, tokens) = box.children[0].children, box.children[1], box.children[2].children
-    assert len(figures(shown)) == 1 and not rank.disabled
+    assert len(pictures(shown)) == len(drawn) == 1 and not rank.disabled
     batch.value = 16
-    assert len(figures(shown)) == 2
-    assert "batch 16 x 512" in figures(shown)[-1].axes[0].get_title()
+    assert len(pictures(shown)) == len(drawn) == 2
+    assert "batch 16 x 512" in drawn[-1].axes[0].get_title()
     method.value = "prompt"
-    assert rank.disabled and len(figures(shown)) == 3
+    assert rank.disabled and len(pictures(shown)) == 3
     method.value, base_dtype.value = "lora", "nf4"
     assert not rank.disabled
-    assert "QLoRA" in figures(shown)[-1].axes[0].get_xticklabels()[0].get_text()
+    assert "QLoRA" in drawn[-1].axes[0].get_xticklabels()[0].get_text()
 
 
 def test_memory_widget_refuses_full_finetuning_of_4bit_weights(shown, capsys):
     widgets.memory_widget()
-    box = shown[-1]
-    n = len(figures(shown))
+    box = box_of(shown)
+    n = len(pictures(shown))
     box.children[1].value = "nf4"
     box.children[0].children[1].value = "full"
-    assert len(figures(shown)) == n + 1   # the nf4 + lora figure; full + nf4 draws none
+    assert len(pictures(shown)) == n + 1   # the nf4 + lora figure; full + nf4 draws none
     assert "cannot train 4-bit weights" in capsys.readouterr().out
+    assert "image/png" not in box._repr_mimebundle_()   # no stale picture of another setting
 
 
-def test_nf4_bins_widget_follows_the_block_size(shown):
+def test_the_widget_carries_its_last_picture_for_untrusted_front_ends(shown, drawn):
+    widgets.memory_widget()
+    box = box_of(shown)
+    box.children[2].children[0].value = 32
+    bundle = box._repr_mimebundle_()
+    assert VIEW in bundle and "text/plain" in bundle   # the widget itself, and the text of last resort
+    png = base64.b64decode(bundle["image/png"])
+    assert png.startswith(PNG_MAGIC) and png == pictures(shown)[-1].data   # the picture shown last
+    height, width, _ = matplotlib.image.imread(io.BytesIO(png)).shape
+    fig_w, fig_h = drawn[-1].get_size_inches() * drawn[-1].dpi
+    # bbox_inches="tight" trims the margins (and may add a little for labels outside the axes)
+    assert 0.5 * fig_w < width < 1.2 * fig_w and 0.5 * fig_h < height < 1.2 * fig_h
+
+
+def test_nf4_bins_widget_follows_the_block_size(shown, drawn):
     torch.manual_seed(0)
     widgets.nf4_bins_widget({"w": torch.randn(32, 64)}, blocksize=64)
-    box = shown[-1]
+    box = box_of(shown)
     (layer, blocksize, double_quant), (block, quant_type) = box.children[0].children, box.children[1].children
     assert block.max == 32 - 1                 # 2,048 weights in blocks of 64
+    block.value = 31
     blocksize.value = 256
-    assert block.max == 8 - 1
+    assert block.max == 8 - 1 and block.value == 7
     quant_type.value = "int4"
-    assert "INT4, blocksize 256" in figures(shown)[-1]._suptitle.get_text()
+    assert "INT4, blocksize 256" in drawn[-1]._suptitle.get_text()
 
 
 def test_sweep_widget_redraws_the_selected_point(shown):
     widgets.sweep_widget([1, 2, 4], [[0.1, 0.5, 0.9], [0.3, 0.5, 0.7]], xlabel="n")   # two seeds
-    slider = shown[-1].children[0]
-    n = len(figures(shown))
+    slider = box_of(shown).children[0]
+    n = len(pictures(shown))
     slider.value = 2
-    assert len(figures(shown)) == n + 1
+    assert len(pictures(shown)) == n + 1
 
 
-def test_lowrank_widget_redraws_for_each_rank(shown):
+def test_lowrank_widget_redraws_for_each_rank(shown, drawn):
     g = torch.Generator().manual_seed(0)
     full = {"q": torch.randn(16, 16, generator=g), "v": torch.randn(16, 16, generator=g)}
     lora = {"q": torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g)}   # only q has LoRA
     widgets.lowrank_widget(full, lora, r=2, max_rank=8)
-    layer, rank = shown[-1].children[0].children
+    layer, rank = box_of(shown).children[0].children
     assert list(layer.options) == ["q"]      # the layers present in both
-    n = len(figures(shown))
+    n = len(pictures(shown))
     rank.value = 5
-    assert len(figures(shown)) == n + 1
+    assert len(pictures(shown)) == len(drawn) == n + 1
