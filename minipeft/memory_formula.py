@@ -61,11 +61,18 @@ class Plan:
     bottleneck: int = 0
     relu: bool = False          # the adapter's nonlinearity keeps its output (ReLU) rather than its input
     added: int = 0              # trainable parameters the method adds (0 for full fine-tuning)
+    ia3: tuple = ()             # IA3: ((linear name, scales its input?), ...) in every block
+    dora: bool = False          # DoRA: the LoRA layers also learn a magnitude per output feature
 
     @property
     def trained(self) -> set[str]:
         """Linear layers that must keep their input (their weight, or a LoRA on them, trains)."""
-        return {name for name, _ in self.lora}
+        return {name for name, _ in self.lora} | {name for name, inp in self.ia3 if inp}  # IA3: x * l keeps x
+
+    @property
+    def scaled(self) -> set[str]:
+        """IA3 layers whose output is scaled: they keep that output (for l's gradient), not their input."""
+        return {name for name, inp in self.ia3 if not inp}
 
 
 def method_plan(shape: ModelShape, method: str, **options) -> Plan:
@@ -83,7 +90,7 @@ def method_plan(shape: ModelShape, method: str, **options) -> Plan:
         return Plan(full=True)
     if method == "prompt":
         return Plan(n_virtual=o["n_tokens"], added=o["n_tokens"] * C)
-    if method in ("lora", "qlora"):
+    if method in ("lora", "qlora", "dora"):
         layers = shape.linears()
         targets = (o["targets"],) if isinstance(o["targets"], str) else tuple(o["targets"])
         names = list(layers) if targets == ("all-linear",) else list(targets)
@@ -91,7 +98,15 @@ def method_plan(shape: ModelShape, method: str, **options) -> Plan:
         if bad:
             raise ValueError(f"LoRA targets {bad} are not linear layers of {shape.name}: {list(layers)}")
         lora = tuple((n, o["r"]) for n in names)
-        return Plan(lora=lora, added=L * sum(r * sum(layers[n]) for n, r in lora))
+        magnitude = L * sum(layers[n][1] for n in names) if method == "dora" else 0  # DoRA's m: out per layer
+        return Plan(lora=lora, dora=method == "dora", added=L * sum(r * sum(layers[n]) for n, r in lora) + magnitude)
+    if method == "ia3":  # one vector per target layer: its input's size (feed-forward) or its output's
+        layers = shape.linears()
+        bad = [n for n in o["targets"] if n not in layers]
+        if bad:
+            raise ValueError(f"IA3 targets {bad} are not linear layers of {shape.name}: {list(layers)}")
+        ia3 = tuple((n, n in o["feedforward"]) for n in o["targets"])
+        return Plan(ia3=ia3, added=L * sum(layers[n][0 if inp else 1] for n, inp in ia3))
     if method == "prefix":  # per layer n keys and n values; or P = MLP(P'): n x e -> e x H -> H x (L 2 C)
         n, e, H = o["n_prefix"], o["reparam_dim"], o["reparam_hidden"]
         added = n * e + e * H + H + (H + 1) * L * 2 * C if o["reparam"] else L * 2 * n * C
@@ -111,22 +126,29 @@ def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bo
     C, F, h = shape.d_model, shape.d_ff, shape.n_head
     Tk = T + plan.n_prefix                           # keys and values per query (prefix tuning adds some)
     trained, r = plan.trained, dict(plan.lora)
+    needs = trained | plan.scaled                    # linear layers whose output needs a gradient
     stats = 2 if shape.norm == "layernorm" else 1    # fp32 mean and 1/std per position (RMSNorm: 1/rms)
     kept = 0
 
     def norm(g: bool) -> int:                        # a norm keeps its input and statistics if g
         return (B * T * C * act + stats * B * T * 4) if g or plan.full else 0
 
-    def lora_out(*names) -> int:                     # LoRA keeps A x (B, T, r) for B's gradient
-        return sum(B * T * r[n] * act for n in names if n in r)
+    def lora_out(*names, g_in=True) -> int:          # LoRA keeps A x (B, T, r) for B's gradient
+        # DoRA also W x and s B A x (B, T, out) for m's gradient, and fp32 vectors of out numbers: the norm,
+        # g = m / norm, and g - 1 if the layer's input (so W x) needs a gradient
+        dora = {n: 2 * B * T * lins[n][1] * act + (3 if g_in else 2) * lins[n][1] * 4 for n in names if plan.dora}
+        return sum(B * T * r[n] * act + dora.get(n, 0) for n in names if n in r)
+
+    lins = shape.linears()
+    kept += sum(B * T * lins[n][1] * act for n in plan.scaled)  # IA3: base(x) * l keeps base(x)
 
     # x -> ln_1 -> u -> q, k, v
     kept += norm(grad_in)
     u_g = grad_in or plan.full
     qkv = ("q_proj", "k_proj", "v_proj")
     kept += B * T * C * act if plan.full or trained & set(qkv) else 0   # u, shared by the three
-    kept += lora_out(*qkv)
-    q_g, k_g, v_g = (u_g or plan.full or n in trained for n in qkv)
+    kept += lora_out(*qkv, g_in=u_g)
+    q_g, k_g, v_g = (u_g or plan.full or n in needs for n in qkv)
     k_g, v_g = k_g or plan.n_prefix > 0, v_g or plan.n_prefix > 0     # the trained prefix joins k and v
     s_g = q_g or k_g                                 # the scores q k^T need a gradient
     if flash:    # q, k, v, the output and one fp32 log-sum-exp per query; no T x Tk scores
@@ -139,17 +161,17 @@ def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bo
         kept += B * Tk * C * act if s_g else 0       # v, for the weights' gradient
     y_g = s_g or v_g
     kept += B * T * C * act if plan.full or "o_proj" in trained else 0  # o_proj's input
-    kept += lora_out("o_proj")
+    kept += lora_out("o_proj", g_in=y_g)
     kept += adapter(plan, "attn", B * T, C, act)
-    x1_g = grad_in or y_g or plan.full or "o_proj" in trained or "attn" in plan.adapters
+    x1_g = grad_in or y_g or plan.full or "o_proj" in needs or "attn" in plan.adapters
     # x1 -> ln_2 -> u2 -> MLP
     kept += norm(x1_g)
     u2_g = x1_g or plan.full
     mlp_in = ("fc_gate", "fc_in") if shape.mlp == "swiglu" else ("fc_in",)
     kept += B * T * C * act if plan.full or trained & set(mlp_in) else 0
-    kept += lora_out(*mlp_in, "fc_out")
+    kept += lora_out(*mlp_in, g_in=u2_g) + lora_out("fc_out", g_in=u2_g or bool(needs & set(mlp_in)))
     out_trained = plan.full or "fc_out" in trained
-    in_g = {n: u2_g or plan.full or n in trained for n in mlp_in}
+    in_g = {n: u2_g or plan.full or n in needs for n in mlp_in}
     BTF = B * T * F * act
     if shape.mlp == "gelu":     # GELU keeps its input; fc_out keeps GELU's output
         kept += (BTF if in_g["fc_in"] else 0) + (BTF if out_trained else 0)
@@ -159,7 +181,7 @@ def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bo
         gate_g, up_g = in_g["fc_gate"], in_g["fc_in"]
         kept += (2 * BTF if gate_g else 0) + (BTF if up_g else 0) + (BTF if out_trained else 0)
     kept += adapter(plan, "mlp", B * T, C, act)
-    return kept, x1_g or any(in_g.values()) or out_trained or "mlp" in plan.adapters
+    return kept, x1_g or any(in_g.values()) or out_trained or "fc_out" in needs or "mlp" in plan.adapters
 
 
 def adapter(plan: Plan, where: str, BT: int, C: int, act: int) -> int:
