@@ -209,3 +209,17 @@ def test_bad_input_leaves_the_model_unchanged():
     mp.add_dora(model, r=2)
     with pytest.raises(ValueError, match="already has DoRA"):
         mp.add_dora(model, r=2)
+
+
+@pytest.mark.parametrize("options", [{"r": 2}, {"r": 3, "targets": "all-linear"}, {"r": 2, "targets": ("fc_out",)}],
+                         ids=str)
+def test_memory_formula_matches_measurement(tiny_model, tiny_config, options):
+    """The formula's DoRA plan (LoRA's, plus W x and s B A x for m's gradient and the norm vectors) against
+    one measured step: weights, gradients and optimizer state exact, activations exact (as for LoRA)."""
+    mp.add_dora(tiny_model, **options)
+    measured = mp.measure_memory(tiny_model, 3, 11)
+    predicted = mp.predict_memory(tiny_config, "dora", 3, 11, compute_dtype="fp32", **options)
+    assert (measured.weights, measured.gradients, measured.optimizer) == \
+        (predicted.weights, predicted.gradients, predicted.optimizer)
+    assert measured.trainable == predicted.trainable == mp.trainable_parameters(tiny_model)[0]
+    assert predicted.activations == measured.activations
