@@ -1,10 +1,38 @@
 """Command line: ``python -m minipeft pretrain`` (re-make the shipped base model),
-``python -m minipeft compare`` (every method on one task: the comparison table) and
-``python -m minipeft cache clear`` (forget every cached training run)."""
+``python -m minipeft compare`` (every method on one task: the comparison table),
+``python -m minipeft cache clear`` (forget every cached training run) and
+``python -m minipeft warm`` (run every notebook once, filling the cache: the lecture path)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
+from pathlib import Path
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def notebooks(folder=NOTEBOOKS) -> list[Path]:
+    """The course's notebooks in order: ``NN_name.ipynb``."""
+    return sorted(p for p in Path(folder).glob("[0-9][0-9]_*.ipynb"))
+
+
+def warm(paths=None) -> dict[str, float]:
+    """Execute every notebook in default mode with the cache on (nothing saved): afterwards Run All of
+    any of them loads its training runs from the cache. Prints and returns each one's wall time."""
+    import nbformat
+    from nbclient import NotebookClient
+    os.environ.update(MINIPEFT_QUICK="0", MINIPEFT_CACHE="1")  # the kernels inherit this environment
+    times = {}
+    for path in paths or notebooks():
+        t0 = time.perf_counter()
+        nb = nbformat.read(path, as_version=4)
+        NotebookClient(nb, timeout=3600, resources={"metadata": {"path": str(Path(path).parent)}}).execute()
+        times[Path(path).name] = time.perf_counter() - t0
+        print(f"{Path(path).name}: {times[Path(path).name] / 60:.1f} min", flush=True)
+    print(f"all {len(times)} notebooks: {sum(times.values()) / 60:.1f} min")
+    return times
 
 
 def main(argv=None) -> int:
@@ -14,19 +42,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="output folder (default: data/base)")
     p.add_argument("--steps", type=int, default=None)
     c = sub.add_parser("compare", help="run every method on one task and print the comparison table")
-    c.add_argument("--quick", action="store_true", help="a small budget (a few minutes on 2 CPU cores)")
-    c.add_argument("--seeds", type=int, default=None, help="training seeds per method (default 3, quick 2)")
+    c.add_argument("--quick", action="store_true", help="a small budget, the same code path (numbers mean little)")
+    c.add_argument("--seeds", type=int, default=None, help="reported seeds per method (default 3)")
     c.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU if there is one)")
     c.add_argument("--out", default=None, help="folder for comparison.md, comparison.csv and comparison.png")
-    c.add_argument("--steps", type=int, default=None, help="training steps per run")
-    c.add_argument("--sweep-steps", type=int, default=None, help="steps per learning rate of the sweep")
+    c.add_argument("--steps", type=int, default=None, help="training steps per run (the search's runs too)")
     c.add_argument("--task", default=None, help="downstream task (default sortdesc)")
     c.add_argument("--methods", nargs="+", default=None, help="a subset of the methods, by key")
     c.add_argument("--eval-examples", type=int, default=None,
                    help="examples per evaluation (the task, and each pretraining task for forgetting)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     k = sub.add_parser("cache", help="the results cache of training runs (.minipeft_cache/)")
     k.add_argument("action", choices=["clear"], help="clear: delete every cached run")
+    w = sub.add_parser("warm", help="run every notebook in default mode with the cache on (nothing saved)")
+    w.add_argument("notebooks", nargs="*", help="only these notebook files (default: all of notebooks/)")
     args = parser.parse_args(argv)
 
     if args.command == "pretrain":
@@ -37,6 +65,8 @@ def main(argv=None) -> int:
     if args.command == "cache":
         from .cache import clear_cache
         clear_cache()
+    if args.command == "warm":
+        warm(args.notebooks or None)
     if args.command == "compare":
         from .report import main as compare
         return compare(args, argv)

@@ -3,7 +3,8 @@
 A run's result depends on everything that went into it, so the key is the SHA-256 of a canonical JSON
 (sorted keys) of all of it: the method's spec, the task (name, seed, split sizes and a digest of its
 examples), the training arguments (seed, learning rate, steps, batch size, warm-up, weight decay, ...),
-a hash of the library's own source files (a change to the schedule or a method changes every key)
+a hash of the library's own source files (a change to the schedule or a method changes every key;
+files no run executes, such as the plots and reports, are left out)
 and of the shipped base checkpoint, the torch version, the device and the number of CPU threads (CPU
 results are reproducible per thread count only).
 
@@ -48,12 +49,27 @@ def enabled_by_env() -> bool:
     return os.environ.get("MINIPEFT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def source_hash() -> str:
-    """SHA-256 over the library's ``*.py`` files (relative path and contents, sorted by path)."""
+# files that no training run executes (reports, plots, widgets, the memory formula and its presets, the
+# command line): editing them keeps every cached run
+NOT_RUN = ("__main__.py", "report.py", "widgets.py", "plots/", "presets.py", "memory_formula.py", "memory.py")
+
+
+def _hash_files(package: Path) -> str:
     h = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py")):
-        h.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).as_posix().startswith(NOT_RUN):
+            continue
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+LOADED = (PACKAGE, _hash_files(PACKAGE))  # the code this process imported (an edit on disk later does not run)
+
+
+def source_hash() -> str:
+    """SHA-256 over the library's ``*.py`` files (relative path and contents, sorted by path), except
+    those in :data:`NOT_RUN`: for the package this process runs, as they were when it was imported."""
+    return LOADED[1] if PACKAGE == LOADED[0] else _hash_files(PACKAGE)
 
 
 def base_hash() -> str | None:

@@ -38,7 +38,7 @@ import torch.nn as nn
 from .cache import Cache, canonical, run_inputs
 from .full import trainable_parameters
 from .tasks import Task
-from .train import History, default_device, evaluate, train
+from .train import History, NonFiniteStep, default_device, evaluate, train
 
 
 def trainable_percent(model: nn.Module) -> float:
@@ -194,6 +194,7 @@ class RunResult:
     total: int
     tensors: dict[str, torch.Tensor] | None = None
     cached: bool = False
+    track: dict[str, list] | None = None  # with ``track=``: "step" and each tracked task's val exact match
 
     @property
     def trainable_percent(self) -> float:
@@ -235,10 +236,16 @@ def _cache(cache) -> Cache:
 def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr: float, steps: int,
         batch_size: int = 32, warmup: int | None = None, weight_decay: float = 0.0, eval_every: int = 0,
         eval_examples: int | None = 1000, device=None, keep_tensors: bool = False, cache=None,
-        progress: bool = False) -> RunResult:
+        progress: bool = False, track: dict[str, Task] | None = None, track_every: int = 0,
+        track_examples: int = 200) -> RunResult:
     """Train ``build()`` (a fresh model with the method applied; ``spec`` describes it as JSON) on
     ``task`` and score it, or load the same run from the cache. ``cache``: None = the default
-    :class:`~minipeft.cache.Cache` (off when ``MINIPEFT_CACHE=0``), False = off, or a Cache."""
+    :class:`~minipeft.cache.Cache` (off when ``MINIPEFT_CACHE=0``), False = off, or a Cache.
+
+    ``track``: tasks by name, scored (exact match on ``track_examples`` val examples each) before the
+    first step, every ``track_every`` steps and at the end, into ``RunResult.track`` (the steps' time
+    then includes these evaluations). A run whose loss or gradient became non-finite stops there
+    (the weights as before that step); its final loss is nan and it is scored as it stands."""
     if not isinstance(spec, dict):
         raise TypeError(f"spec must be a dict describing the method, got {type(spec).__name__}")
     try:
@@ -255,6 +262,13 @@ def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr
     eval_examples = largest if eval_examples is None else min(eval_examples, largest)  # more changes nothing
     args = dict(seed=seed, lr=float(lr), steps=steps, batch_size=batch_size, warmup=warmup,
                 weight_decay=float(weight_decay), eval_every=eval_every, eval_examples=eval_examples)
+    if track:
+        if not (isinstance(track, dict) and all(isinstance(t, Task) for t in track.values())):
+            raise TypeError("track must be a dict of name -> Task")
+        if not isinstance(track_every, int) or track_every <= 0:
+            raise ValueError(f"track_every must be a positive integer with track, got {track_every!r}")
+        args["track"] = {k: [t.name, t.seed, len(t.val)] for k, t in track.items()}
+        args.update(track_every=track_every, track_examples=track_examples)
     inputs, cache = run_inputs(spec, task, args, device), _cache(cache)
     hit = cache.load(inputs, need_tensors=keep_tensors)
     if hit is not None:
@@ -262,18 +276,48 @@ def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr
         m = record["metrics"]
         print(f"loaded from cache: {canonical(spec)} on {task.name} (seed {seed}, lr {lr:g}, {steps} steps)")
         return RunResult(spec, seed, float(lr), History(**record["history"]), m["val"], m["test"], m["seconds"],
-                         m["trainable"], m["total"], tensors if keep_tensors else None, cached=True)
+                         m["trainable"], m["total"], tensors if keep_tensors else None, cached=True,
+                         track=m.get("track"))
     model = _build(build, seed)
-    hist = train(model, task, steps, lr, batch_size, seed=seed, warmup=warmup, weight_decay=weight_decay,
-                 eval_every=eval_every, device=device, progress=progress)
+    curve, hook = _tracker(model, track, track_every, track_examples) if track else (None, None)
+    try:
+        hist = train(model, task, steps, lr, batch_size, seed=seed, warmup=warmup, weight_decay=weight_decay,
+                     eval_every=eval_every, device=device, progress=progress)
+    except NonFiniteStep as e:
+        print(f"run {canonical(spec)} seed {seed} lr {lr:g}: diverged ({e})"[:300])
+        hist = History(loss=[math.nan])
+    finally:
+        if hook is not None:
+            hook.remove()
+    if curve is not None and curve["step"][-1] != steps:
+        _score(model, track, track_examples, curve, steps)
     val = evaluate(model, task, "val", max_examples=eval_examples)
     test = evaluate(model, task, "test", max_examples=eval_examples) if task.test else None
     trainable, total = trainable_parameters(model)
     tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    metrics = dict(val=val, test=test, seconds=hist.seconds, trainable=trainable, total=total)
+    metrics = dict(val=val, test=test, seconds=hist.seconds, trainable=trainable, total=total, track=curve)
     cache.save(inputs, {"history": dataclasses.asdict(hist), "metrics": metrics}, tensors if keep_tensors else None)
     return RunResult(spec, seed, float(lr), hist, val, test, hist.seconds, trainable, total,
-                     tensors if keep_tensors else None)
+                     tensors if keep_tensors else None, track=curve)
+
+
+def _score(model, tasks, n, curve, step):
+    curve["step"].append(step)
+    for name, t in tasks.items():
+        curve[name].append(evaluate(model, t, "val", max_examples=n))
+
+
+def _tracker(model, tasks, every, n):
+    """A forward pre-hook that scores ``tasks`` before training forward number 0, every, 2 every, ...
+    (evaluation runs the model in eval mode, which the hook ignores)."""
+    curve, calls = {"step": [], **{name: [] for name in tasks}}, [0]
+
+    def hook(module, args):
+        if module.training and torch.is_grad_enabled():
+            if calls[0] % every == 0:
+                _score(module, tasks, n, curve, calls[0])
+            calls[0] += 1
+    return curve, model.register_forward_pre_hook(hook)
 
 
 # --- learning-rate search -------------------------------------------------------------------------
