@@ -296,7 +296,8 @@ def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr
     trainable, total = trainable_parameters(model)
     tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     metrics = dict(val=val, test=test, seconds=hist.seconds, trainable=trainable, total=total, track=curve)
-    cache.save(inputs, {"history": dataclasses.asdict(hist), "metrics": metrics}, tensors if keep_tensors else None)
+    cache.save(inputs, {"history": dataclasses.asdict(hist), "metrics": metrics}, tensors)  # always: any later
+    # caller may restore the run (a few MiB at most on the toy model)
     return RunResult(spec, seed, float(lr), hist, val, test, hist.seconds, trainable, total,
                      tensors if keep_tensors else None, track=curve)
 
