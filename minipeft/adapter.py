@@ -122,12 +122,8 @@ def add_adapters(model: GPT, bottleneck: int = 16, placement: str = "houlsby", n
     only trainable one); run several at once with :func:`compose_adapters`.
     """
     config = AdapterConfig(bottleneck, placement, activation, seed)  # validates the options
-    if not isinstance(model, GPT):
-        raise TypeError(f"add_adapters needs a minipeft GPT, got {type(model).__name__}")
-    adapter_name(name)
-    if name in _names(model):
-        raise ValueError(f"the model already has an adapter named {name!r}; pick another name or "
-                         f"mp.delete_adapter() it")
+    module("model", model, GPT)
+    adapter_name(name, _names(model))
     where = [f"blocks.{i}.{path}" for i in range(len(model.blocks)) for path in PLACEMENTS[placement]]
     new = {}
     with torch.random.fork_rng(devices=[]):  # allocate first: if memory runs out, the model is untouched

@@ -7,32 +7,36 @@ after: ``r = positive_int("r", r)``. ``bool`` is never taken for a number.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
 
 
 def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return value
 
 
+def integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """An integer (numpy's too), within ``[low, high]`` where a bound is given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer in [{low}, {'inf' if high is None else high}], got {value!r}")
+    return int(value)
+
+
 def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive integer, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def integer(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def positive_float(name: str, value) -> float:
@@ -60,9 +64,11 @@ def boolean(name: str, value) -> bool:
     return value
 
 
-def module(name: str, value) -> nn.Module:
-    if not isinstance(value, nn.Module):
-        raise TypeError(f"{name} must be a torch nn.Module (a minipeft GPT), got {type(value).__name__}")
+def module(name: str, value, kind: type = nn.Module) -> nn.Module:
+    """A torch module, or of type ``kind`` (``module("model", model, GPT)``)."""
+    if not isinstance(value, kind):
+        what = "torch nn.Module (a minipeft GPT)" if kind is nn.Module else f"minipeft {kind.__name__}"
+        raise TypeError(f"{name} must be a {what}, got {type(value).__name__}")
     return value
 
 
@@ -76,12 +82,15 @@ def one_of(name: str, value, choices):
 _TAKEN = set(dir(nn.ModuleDict())) | {"training", "keys", "items", "values", "base_layer"}
 
 
-def adapter_name(value) -> str:
-    """A name for a named adapter: a Python identifier not taken by ``nn.ModuleDict`` (``"rotate"``)."""
+def adapter_name(value, taken=(), what: str = "an adapter") -> str:
+    """A name for a named adapter: a Python identifier not taken by ``nn.ModuleDict`` (``"rotate"``),
+    nor by one of the model's adapters (``taken``)."""
     if not isinstance(value, str) or not value.isidentifier():
         raise ValueError(f"an adapter name must be a Python identifier such as 'rotate', got {value!r}")
     if value in _TAKEN:
         raise ValueError(f"{value!r} cannot be an adapter name: nn.ModuleDict uses it")
+    if value in taken:
+        raise ValueError(f"the model already has {what} named {value!r}; pick another name or mp.delete_adapter() it")
     return value
 
 
@@ -92,6 +101,23 @@ def replace_module(model: nn.Module, where: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+class AdapterFileError(ValueError):
+    """A saved adapter that is not what it claims: unreadable, incomplete, oversized or with unexpected parts."""
+
+
+class BaseMismatchError(ValueError):
+    """A saved adapter made for another base model (other config or other weights)."""
+
+
+OWNED: dict[type, str] = {}  # module type -> the method that owns it (filled as each method file loads)
+
+
+def methods_applied(model: nn.Module) -> list[str]:
+    """The methods whose own modules are in ``model`` (what :func:`minipeft.methods_in` finds, without the
+    registry, for the modules that must not import it)."""
+    return sorted({OWNED[type(m)] for m in model.modules() if type(m) in OWNED})
 
 
 @dataclass(frozen=True)
@@ -116,3 +142,9 @@ class Method:
     set_active: Callable | None = None
     set_rows: Callable | None = None
     delete: Callable | None = None
+    whole: bool = False                        # replaces every weight: a file holds the whole model
+    ready: Callable | None = None              # (model) raises if it cannot be saved or loaded into now
+    base: dict = field(default_factory=dict)   # saved option -> (read it from a model, make a base match it)
+
+    def __post_init__(self):
+        OWNED.update(dict.fromkeys(self.owned, self.name))

@@ -51,4 +51,4 @@ def print_trainable_parameters(model: nn.Module) -> None:
 # --- bookkeeping: full fine-tuning has no adapter: a file holds every tensor of the model (see io.py) -----
 
 METHOD = Method("full", None, full_finetune, names=lambda model: [], parts=lambda model, name: {},
-                options=lambda model, name: {})
+                options=lambda model, name: {}, whole=True)

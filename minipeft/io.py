@@ -6,27 +6,26 @@ One fine-tuned task is one folder holding two files (the layout PEFT uses):
   ``GPTConfig`` and a fingerprint of the base weights;
 * ``adapter_model.safetensors``: the trained tensors and nothing else.
 
-What each method saves (its tensors, and the options that rebuild it) is written in its own file (its
-``METHOD`` entry); this module is the orchestrator: the file format, the fingerprint, the checks. A merged
-LoRA is refused (its update sits inside the base weights): unmerge it first. Full fine-tuning is saved
-the same way (method ``"full"``: every tensor) so that bytes on disk compare honestly; it has no
-fingerprint, as it replaces every weight.
+This module is the orchestrator (the file format, the fingerprint, the checks) and names no method:
+what a method saves (its tensors, the options that rebuild it, what it needs of the base, such as
+QLoRA's 4-bit settings) is written in its own file's ``METHOD`` entry. Full fine-tuning is saved the
+same way, every tensor and no fingerprint (it replaces every weight), so that bytes on disk compare
+honestly.
 
 The base inside an adapted model is its state dict without the modules a method added, under the plain
 model's names (``q_proj.base_layer.weight`` counts as ``q_proj.weight``)::
 
     fingerprint = SHA-256 over (name, dtype, shape, bytes) of every base tensor, in name order
 
-so adding, training or loading adapters never changes it, and one changed bit of the base does. A
-4-bit base (QLoRA) is fingerprinted as stored (codes and constants); its quantisation settings are saved
-with the LoRA options, so that a full-precision base is quantised the same way on loading.
+so adding, training or loading adapters never changes it, and one changed bit of the base does (a
+4-bit base is fingerprinted as stored: codes and constants).
 
 Loading validates everything before it touches the base: the JSON's keys, types and sizes (bounded by
 the base's shapes before anything is allocated), the base's config, a trial application of the method
 to a copy of the base, the fingerprint, and every tensor's name, shape, dtype and finiteness. Only JSON
-and safetensors are read, never a pickle, so a file cannot run code; whatever is wrong with a file
-(foreign, corrupt, truncated, oversized, hostile) is one :class:`AdapterFileError` naming the file and
-the cause, or a :class:`BaseMismatchError` when the file is sound but made for another base.
+and safetensors are read, never a pickle, so a file cannot run code; whatever is wrong with a file is
+one :class:`AdapterFileError` naming the file and the cause, or a :class:`BaseMismatchError` when the
+file is sound but made for another base.
 """
 from __future__ import annotations
 
@@ -43,26 +42,15 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .common import adapter_name
-from .full import freeze, full_finetune
-from .lora import lora_layers
+from .common import AdapterFileError, BaseMismatchError, adapter_name, boolean, module
 from .methods import METHODS, methods_in
 from .model import GPT
-from .qlora import linear4bit_layers, quantize_nf4
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 FORMAT, FORMAT_VERSION = "minipeft-adapter", 1
 CONFIG_KEYS = ("format", "format_version", "minipeft_version", "method", "name", "options",
                "base_config", "base_fingerprint")
 ARCHITECTURE = ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "d_ff")  # what shapes the weights
-
-
-class AdapterFileError(ValueError):
-    """A saved adapter that is not what it claims: unreadable, incomplete, oversized or with unexpected parts."""
-
-
-class BaseMismatchError(ValueError):
-    """A saved adapter made for another base model (other config or other weights)."""
 
 
 # --- the base and its fingerprint --------------------------------------------------------------------
@@ -87,10 +75,10 @@ def _plain(key: str, renames) -> str:
     return key
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def base_state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """The frozen base inside ``model``: its state dict without any method's tensors, under plain names."""
     skip, renames = _plain_names(model)
-    return {_plain(k, renames): v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    return {_plain(k, renames): v for k, v in model.state_dict(keep_vars=keep_vars).items() if not k.startswith(skip)}
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -105,67 +93,42 @@ def base_fingerprint(model: nn.Module) -> str:
 
 def adapter_tensors(method: str, model: nn.Module, name) -> dict[str, torch.Tensor]:
     """File key -> the live tensor (a parameter or buffer of the model) that ``method`` trained."""
-    if method == "full":
-        return base_state_dict(model)
+    if METHODS[method].whole:
+        return base_state_dict(model, keep_vars=True)
     return {f"{where}.{key}": t for where, part in METHODS[method].parts(model, name).items()
             for key, t in [*part.named_parameters(), *part.named_buffers()]}
 
 
-# --- a 4-bit base (QLoRA): how it was quantised, saved with the LoRA options ----------------------------
-
-NF4_KEYS = ("layers", "blocksize", "double_quant", "quant_type", "compute_dtype")
-
-
-def _nf4_options(model) -> dict | None:
-    """How the base was quantised (QLoRA), or None for a full-precision base."""
-    _, renames = _plain_names(model)
-    layers = {_plain(w + ".", renames)[:-1]: m.config for w, m in linear4bit_layers(model).items()}
-    settings = {(c.blocksize, c.double_quant, c.quant_type, str(c.compute_dtype)) for c in layers.values()}
-    if len(settings) > 1:
-        raise ValueError(f"the 4-bit layers were quantised with different settings {sorted(settings)}")
-    if not layers:
-        return None
-    blocksize, double_quant, quant_type, dtype = settings.pop()
-    return dict(layers=sorted(layers), blocksize=blocksize, double_quant=double_quant, quant_type=quant_type,
-                compute_dtype=None if dtype == "None" else dtype.removeprefix("torch."))
-
-
-def _quantize_like(model, saved: dict | None) -> None:
-    """Quantise a full-precision base as the saved QLoRA base was (the fingerprint checks it after)."""
-    if saved is not None and (not isinstance(saved, dict) or set(saved) != set(NF4_KEYS)
-                              or not isinstance(saved["layers"], list)):
-        raise AdapterFileError(f"options.base_nf4 must be null or an object with the keys {list(NF4_KEYS)}")
-    have = _nf4_options(model)
-    if have == saved:
-        return
-    if have is not None or saved is None:
-        def what(o):
-            return "full-precision" if o is None else f"4-bit ({o['quant_type']}, blocksize {o['blocksize']})"
-        raise BaseMismatchError(f"the adapter was saved on a {what(saved)} base; this base is {what(have)}")
-    opts = dict(saved)
-    layers, dtype = set(opts.pop("layers")), opts.pop("compute_dtype")
-    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise AdapterFileError(f"options.base_nf4.compute_dtype {dtype!r} is not a torch dtype")
-    skip = tuple(n for n, m in model.named_modules() if type(m) is nn.Linear and n not in layers)
-    quantize_nf4(model, skip=skip, compute_dtype=dtype and getattr(torch, dtype), **opts)
-
-
 def _options(method: str, model, name) -> dict:
-    options = METHODS[method].options(model, name)
-    return {**options, "base_nf4": _nf4_options(model)} if method == "lora" else options
+    """What the file records: the method's options, and what it needs of the base (``METHOD.base``)."""
+    m = METHODS[method]
+    return {**m.options(model, name), **{key: read(model) for key, (read, _) in m.base.items()}}
 
 
 def _apply(method: str, model, options: dict, name):
-    options = dict(options)
-    if method == "lora":
-        _quantize_like(model, options.pop("base_nf4"))
-    return METHODS[method].add(model, **options, **({} if name is None else {"name": name}))
+    """Make ``model`` match what the method needs of the base, then add the method with its options."""
+    m, options = METHODS[method], dict(options)
+    for key, (_, match) in m.base.items():
+        match(model, options.pop(key))
+    return m.add(model, **options, **({} if name is None else {"name": name}))
 
 
 def _keys(method: str) -> tuple[str, ...]:
     config = METHODS[method].config
-    keys = () if config is None else tuple(config.__dataclass_fields__)
-    return keys + ("base_nf4",) if method == "lora" else keys
+    return (() if config is None else tuple(config.__dataclass_fields__)) + tuple(METHODS[method].base)
+
+
+def _ready(model: nn.Module) -> None:
+    """Each method present may refuse while the model is in a state no file can hold (a merged LoRA)."""
+    for m in methods_in(model):
+        if METHODS[m].ready is not None:
+            METHODS[m].ready(model)
+
+
+def _path(directory):
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {directory!r}")
+    return Path(directory)
 
 
 # --- saving ---------------------------------------------------------------------------------------------
@@ -174,24 +137,23 @@ def _keys(method: str) -> tuple[str, ...]:
 def save_adapter(model: GPT, directory, name: str | None = None, method: str | None = None) -> Path:
     """Write the trained part of ``model`` to ``directory`` (created if needed); returns its path.
 
-    ``method`` is found from the model (a model without a PEFT method is saved whole, as ``"full"``);
+    ``method`` is found from the model (a model without a PEFT method is saved whole: full fine-tuning);
     ``name`` picks one of several named adapters (default: the only one, or the active one). Everything
     is checked (the tensors finite, the two file names free to write) before anything is written.
     """
-    if not isinstance(model, GPT):
-        raise TypeError(f"save_adapter needs a minipeft GPT, got {type(model).__name__}")
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a path, got {directory!r}")
+    module("model", model, GPT)
+    _path(directory)
     present = methods_in(model)
     if method is None:
         if len(present) > 1:
             raise ValueError(f"the model has several methods {sorted(present)}: pass method= to pick one")
-        method = next(iter(present), "full")
+        method = next(iter(present), next(m.name for m in METHODS.values() if m.whole))
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
-    if method == "full" and present:
-        raise ValueError(f"method='full' saves a plain model, but this one has {sorted(present)}")
-    if method != "full" and method not in present:
+    whole = METHODS[method].whole
+    if whole and present:
+        raise ValueError(f"method={method!r} saves a plain model, but this one has {sorted(present)}")
+    if not whole and method not in present:
         raise ValueError(f"the model has no {method} adapter (it has {sorted(present) or 'none'})")
     names = present.get(method, [None])
     if names == [None] and name is not None:
@@ -202,9 +164,7 @@ def save_adapter(model: GPT, directory, name: str | None = None, method: str | N
             raise ValueError(f"the model has the {method} adapters {names} and none is active alone: pass name=")
     if name not in names:
         raise ValueError(f"no {method} adapter named {name!r}; the model has {names}")
-    if method == "lora" and any(m.merged for m in lora_layers(model).values()):
-        raise ValueError("the LoRA adapter is merged into the base weights: call mp.unmerge_lora(model) first "
-                         "(the file holds A and B, and the fingerprint is of the unmerged base)")
+    _ready(model)
     tensors = {k: t.detach().cpu().contiguous() for k, t in adapter_tensors(method, model, name).items()}
     bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
@@ -213,7 +173,7 @@ def save_adapter(model: GPT, directory, name: str | None = None, method: str | N
     from . import __version__
     config = dict(format=FORMAT, format_version=FORMAT_VERSION, minipeft_version=__version__, method=method,
                   name=name, options=_options(method, model, name), base_config=asdict(model.config),
-                  base_fingerprint=None if method == "full" else base_fingerprint(model))
+                  base_fingerprint=None if whole else base_fingerprint(model))
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise ValueError(f"cannot save into {out}: it is a file, not a folder")
@@ -274,10 +234,10 @@ def read_adapter_config(directory) -> dict:
     for key in ARCHITECTURE:
         if isinstance(base_config[key], bool) or not isinstance(base_config[key], int):
             raise AdapterFileError(f"{path}: base_config.{key} must be an integer, got {base_config[key]!r}")
-    fp, unnamed = config["base_fingerprint"], METHODS[method].set_active is None
-    if method == "full" and fp is not None:
-        raise AdapterFileError(f"{path}: base_fingerprint must be null for a full checkpoint, got {fp!r}")
-    if method != "full" and not (isinstance(fp, str) and re.fullmatch("sha256:[0-9a-f]{64}", fp)):
+    fp, unnamed, whole = config["base_fingerprint"], METHODS[method].set_active is None, METHODS[method].whole
+    if whole and fp is not None:
+        raise AdapterFileError(f"{path}: base_fingerprint must be null for a {method} checkpoint, got {fp!r}")
+    if not whole and not (isinstance(fp, str) and re.fullmatch("sha256:[0-9a-f]{64}", fp)):
         raise AdapterFileError(f"{path}: base_fingerprint {fp!r} is not 'sha256:' and 64 hex digits")
     if not (config["name"] is None if unnamed else isinstance(config["name"], str)):
         raise AdapterFileError(f"{path}: name must be " + ("null" if unnamed else "a string") +
@@ -314,16 +274,13 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_tensors(found: dict, expected: dict, path: Path) -> None:
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing:
-        raise AdapterFileError(f"{path} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if extra:
-        raise AdapterFileError(f"{path} holds unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for what, keys in (("lacks", set(expected) - set(found)), ("holds unexpected", set(found) - set(expected))):
+        if keys:
+            raise AdapterFileError(f"{path} {what} tensor(s) {sorted(keys)[:5]}{' ...' if len(keys) > 5 else ''}")
     for key, live in expected.items():
         t = found[key]
         if t.shape != live.shape:
-            raise AdapterFileError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                   f"expected {tuple(live.shape)}")
+            raise AdapterFileError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(live.shape)}")
         if t.dtype != live.dtype:
             raise AdapterFileError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected {live.dtype}")
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -346,13 +303,9 @@ def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool 
     loaded one becomes the active one. Every error (wrong base, corrupted file, missing or unexpected
     tensors, wrong shapes or dtypes) is raised before ``base`` is changed.
     """
-    if not isinstance(base, GPT):
-        raise TypeError(f"load_adapter needs a minipeft GPT as base, got {type(base).__name__}")
-    if not isinstance(trainable, bool):
-        raise TypeError(f"trainable must be True or False, got {trainable!r}")
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a path, got {directory!r}")
-    directory = Path(directory)
+    module("base", base, GPT)
+    boolean("trainable", trainable)
+    directory = _path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no adapter folder at {directory}")
     config = read_adapter_config(directory)
@@ -364,10 +317,10 @@ def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool 
     diff = [f"{k}={wanted[k]} (this base: {have[k]})" for k in ARCHITECTURE if wanted[k] != have[k]]
     if diff:
         raise BaseMismatchError(f"{directory} was saved from a base with {', '.join(diff)}")
-    if method == "full" and methods_in(base):
-        raise ValueError(f"a full checkpoint loads into a plain base; this one has {sorted(methods_in(base))}")
-    if any(m.merged for m in lora_layers(base).values()):
-        raise ValueError("this base has a LoRA adapter merged into its weights: call mp.unmerge_lora first")
+    whole = METHODS[method].whole
+    if whole and methods_in(base):
+        raise ValueError(f"a {method} checkpoint loads into a plain base; this one has {sorted(methods_in(base))}")
+    _ready(base)
     if name is not None and name in METHODS[method].names(base):
         raise ValueError(f"the base already has a {method} adapter named {name!r}: pass name= to load this one "
                          f"under another name")
@@ -383,7 +336,7 @@ def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool 
     except Exception as e:  # noqa: BLE001 -- e.g. an allocation the sizes above did not foresee
         raise AdapterFileError(f"cannot apply the {method} adapter of {directory}: "
                                f"{type(e).__name__}: {e}") from e
-    if method != "full" and base_fingerprint(trial) != config["base_fingerprint"]:
+    if not whole and base_fingerprint(trial) != config["base_fingerprint"]:
         raise BaseMismatchError(f"{directory} was saved from other base weights (its base: "
                                 f"{config['base_fingerprint'][:19]}..., "
                                 f"this base: {base_fingerprint(trial)[:19]}...)")
@@ -395,9 +348,7 @@ def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool 
     with torch.no_grad():
         for key, t in live.items():
             t.copy_(tensors[key])
-    if method == "full":
-        full_finetune(base) if trainable else freeze(base)
-    elif not trainable:
+    if not trainable:  # what add_* made trainable is frozen again
         for t in live.values():
             t.requires_grad_(False)
     return base if trainable else base.eval()

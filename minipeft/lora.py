@@ -9,14 +9,11 @@ B train, ``r * (in + out)`` numbers instead of ``in * out``. :func:`merge_lora` 
 after training, and inference then costs nothing extra. rsLoRA (Kalajdzievski 2023, arXiv 2312.03732)
 uses ``scaling = alpha / sqrt(r)`` so that large ranks still learn.
 
-Names and arithmetic follow PEFT (``lora_A``, ``lora_B``, ``scaling``, ``base_layer``; same
-initialisation, dropout on the input of A, same merge), so the numbers carry over to it.
-
-The file reads in the lecture's order: the update (:class:`LoRAAdapter`), the layer that adds it to a
-frozen one (:class:`LoRALinear`), the surgery (:func:`add_lora`), merging; then the bookkeeping: one
-layer may hold several named adapters (one per task), switched with ``mp.set_adapter`` or mixed one per
-batch row with ``mp.adapter_per_row`` (:mod:`minipeft.methods`), the way multi-adapter servers such as
-S-LoRA (arXiv 2311.03285) batch requests.
+Names and arithmetic follow PEFT (``lora_A``, ``lora_B``, ``scaling``, ``base_layer``, initialisation,
+dropout on A's input, merge), so the numbers carry over to it. The file reads in the lecture's order:
+the update, the layer that adds it to a frozen one, the surgery, merging; then the bookkeeping of
+several named adapters per layer (``mp.set_adapter``, ``mp.adapter_per_row``: one per batch row, as
+multi-adapter servers such as S-LoRA, arXiv 2311.03285, batch requests).
 """
 from __future__ import annotations
 
@@ -30,6 +27,7 @@ import torch.nn as nn
 
 from .common import Method, adapter_name, boolean, module, positive_float, positive_int, probability, replace_module
 from .full import freeze
+from .qlora import nf4_settings, quantize_like
 
 
 @dataclass
@@ -85,15 +83,12 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """``y = base_layer(x) + scaling * B A dropout(x)`` around any linear-like layer.
+    """``y = base_layer(x) + scaling * B A dropout(x)`` around any layer with ``in_features`` and
+    ``out_features`` (an ``nn.Linear``, a frozen 4-bit layer): the base layer is only called, never looked
+    into. ``adapters`` holds named :class:`LoRAAdapter` s; ``active`` names the one that runs (or None)."""
 
-    The base layer is only called, never looked into (it needs ``in_features`` and ``out_features``),
-    so an ``nn.Linear`` and a frozen 4-bit layer are wrapped alike. ``adapters`` holds named
-    :class:`LoRAAdapter` s; ``active`` names the one that runs (``None``: the bare base).
-    """
-
-    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 rslora: bool = False, name: str = "default"):
+    def __init__(self, base: nn.Module, r: int = LoRAConfig.r, alpha: float = LoRAConfig.alpha,
+                 dropout: float = LoRAConfig.dropout, rslora: bool = LoRAConfig.rslora, name: str = "default"):
         super().__init__()
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -111,17 +106,15 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.rows is not None:  # a mixed batch: each adapter adds its update to its own rows only
-            n_rows, rows_of = self.rows
-            if x.shape[0] != n_rows:
-                raise ValueError(f"{n_rows} adapter names for a batch of {x.shape[0]} rows (one name per row)")
-            for name, rows in rows_of.items():
-                if name in self.adapters:
-                    y = y.index_add(0, rows, self.adapters[name](x[rows]))
-            return y
-        if self.active is None or self.merged:  # the bare base, or dW already inside the base weight
-            return y
-        return y + self.adapters[self.active](x)
+        if self.rows is None:  # one adapter for the batch; none: the bare base; merged: dW is inside W
+            return y if self.active is None or self.merged else y + self.adapters[self.active](x)
+        n_rows, rows_of = self.rows  # a mixed batch: each adapter adds its update to its own rows only
+        if x.shape[0] != n_rows:
+            raise ValueError(f"{n_rows} adapter names for a batch of {x.shape[0]} rows (one name per row)")
+        for name, rows in rows_of.items():
+            if name in self.adapters:
+                y = y.index_add(0, rows, self.adapters[name](x[rows]))
+        return y
 
     def merge(self, sign: int = 1, requantize: bool = False) -> None:
         """Add (``sign=1``) or subtract (``-1``) the active adapter's dW to the base weight."""
@@ -182,13 +175,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"),
-             dropout: float = 0.0, rslora: bool = False, name: str = "default") -> nn.Module:
+def add_lora(model: nn.Module, r: int = LoRAConfig.r, alpha: float = LoRAConfig.alpha, targets=LoRAConfig.targets,
+             dropout: float = LoRAConfig.dropout, rslora: bool = LoRAConfig.rslora, name: str = "default") -> nn.Module:
     """Freeze ``model`` and wrap each target layer in a :class:`LoRALinear` (in place; returns ``model``).
-
-    Calling it again with another ``name`` adds a second adapter (to the same or other layers); the
-    newest adapter becomes the active one and the only part that trains.
-    """
+    Another ``name`` adds a second adapter, which becomes the active one and the only part that trains."""
     module("model", model)
     config = LoRAConfig(r, alpha, targets, dropout, rslora)  # checks the values
     adapter_name(name)
@@ -200,8 +190,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=("q_proj
         if isinstance(layer, LoRALinear) and name in layer.adapters:
             raise ValueError(f"{where} already has a LoRA adapter named {name!r}: pass another name= "
                              f"or remove it with mp.delete_adapter")
-    if any(layer.merged for layer in lora_layers(model).values()):
-        raise ValueError("the model has a merged LoRA adapter: call unmerge_lora before adding another")
+    _not_merged(model, "add an adapter")
     new = {}  # allocate first: if memory runs out, the model is untouched
     for where, layer in chosen.items():
         if isinstance(layer, LoRALinear):
@@ -246,9 +235,7 @@ def _merge_all(model: nn.Module, sign: int, requantize: bool) -> nn.Module:
 
 def merge_lora(model: nn.Module, requantize: bool = False) -> nn.Module:
     """Fold ``scaling * B A`` of the active adapter into each base weight: no inference overhead after.
-
-    A 4-bit base must be dequantised, added to and requantised (rounding error): ``requantize=True``.
-    """
+    A 4-bit base must be dequantised, added to and requantised (rounding error): ``requantize=True``."""
     return _merge_all(model, +1, requantize)
 
 
@@ -267,10 +254,9 @@ def unload_lora(model: nn.Module) -> nn.Module:
 def subspace_similarity(W1: torch.Tensor, W2: torch.Tensor, i, j):
     """phi(W1, W2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j)  (the LoRA paper, section 7).
 
-    ``U1``, ``U2``: left singular vectors of the two matrices. 1 when the top-i directions of one lie in
-    the span of the top-j of the other, 0 when the two subspaces are orthogonal; two random subspaces of
-    R^d give about max(i, j) / d. With lists ``i`` and ``j`` (same length) it returns one phi per pair,
-    each SVD done once.
+    ``U1``, ``U2``: left singular vectors. 1 when the top-i directions of one lie in the span of the
+    top-j of the other, 0 when orthogonal, about max(i, j) / d for random subspaces of R^d. Lists ``i``
+    and ``j`` (same length) give one phi per pair, each SVD done once.
     """
     U1 = torch.linalg.svd(torch.as_tensor(W1).detach().double(), full_matrices=False).U
     U2 = torch.linalg.svd(torch.as_tensor(W2).detach().double(), full_matrices=False).U
@@ -290,7 +276,8 @@ def _names(model: nn.Module) -> list[str]:
 
 def _not_merged(model: nn.Module, what: str) -> None:
     if any(m.merged for m in lora_layers(model).values()):
-        raise ValueError(f"cannot {what} while a LoRA adapter is merged into the base: call unmerge_lora first")
+        raise ValueError(f"cannot {what} while a LoRA adapter is merged into the base weights: "
+                         f"call mp.unmerge_lora(model) first")
 
 
 def _set_active(model: nn.Module, name: str | None) -> None:
@@ -335,4 +322,6 @@ def _options(model: nn.Module, name: str) -> dict:
 METHOD = Method("lora", LoRAConfig, add_lora, names=_names, parts=_parts, options=_options,
                 owned=(LoRAAdapter,), wrapper=(LoRALinear, "base_layer"),
                 active=lambda model: next((m.active for m in lora_layers(model).values() if m.active), None),
-                set_active=_set_active, set_rows=_set_rows, delete=_delete)
+                set_active=_set_active, set_rows=_set_rows, delete=_delete,
+                ready=lambda model: _not_merged(model, "save or load adapters"),
+                base={"base_nf4": (nf4_settings, quantize_like)})  # QLoRA: how the 4-bit base was quantised

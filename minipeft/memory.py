@@ -8,19 +8,14 @@ One training step holds four kinds of tensors::
            + activations          what the forward pass keeps for the backward pass
 
 With fp32 AdamW full fine-tuning costs 4 + 4 + 8 = 16 bytes per parameter before activations. A PEFT
-method shrinks the last three terms of that sum to its few trainable parameters, but the activations
-only shrink where a frozen layer needs no input kept: backpropagation still has to pass through every
-layer above the lowest trainable part. That is why LoRA saves less memory than people expect at long
-sequences and large batches.
+method shrinks gradients and optimizer state to its few trainable parameters, but activations only
+where a frozen layer needs no input kept: backpropagation still passes through every layer above the
+lowest trainable part, which is why LoRA saves less than people expect at long sequences and large batches.
 
-:func:`measure_memory` runs one real step and counts each kind. Activations are caught with
-``torch.autograd.graph.saved_tensors_hooks`` (every tensor autograd saves for backward passes through
-the hook), so the count works on the CPU; storages shared by several saved tensors count once, and
-parameters and buffers (saved by e.g. a linear layer for its input gradient) are not activations.
-On CUDA the step's ``torch.cuda.max_memory_allocated`` is reported as well (it also includes the
-short-lived temporaries that no hook sees). :mod:`minipeft.memory_formula` predicts the same numbers
-from a closed-form formula. Activation formula of reference: Korthikanti et al. 2022, "Reducing
-Activation Recomputation in Large Transformer Models", arXiv 2205.05198.
+:func:`measure_memory` runs one real step and counts each kind; activations are what passes through
+``torch.autograd.graph.saved_tensors_hooks`` (so it works on the CPU), shared storages once, parameters
+and buffers not. On CUDA the step's ``torch.cuda.max_memory_allocated`` is reported too (it includes
+temporaries no hook sees). :mod:`minipeft.memory_formula` predicts the same numbers in closed form.
 """
 from __future__ import annotations
 
@@ -29,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .common import integer, module, positive_int
 from .train import loss_fn, model_device
 
 GB = 1024 ** 3
@@ -133,18 +129,13 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
                    seed: int = 0) -> MemoryBreakdown:
     """Run one AdamW training step of ``model`` and count its memory by kind (a :class:`MemoryBreakdown`).
 
-    ``seq_len`` counts the text tokens (prompt tuning adds its virtual tokens in front). ``batch`` may
-    give ``(x, y)`` instead of random tokens, and ``loss(model, x, y)`` another loss than the course's
-    cross-entropy (so any network can be measured). The model is left as it was: the trainable weights
-    are restored after the step and the gradients cleared.
+    ``seq_len``: text tokens (prompt tuning adds its own). ``batch=(x, y)`` replaces the random tokens,
+    ``loss(model, x, y)`` the course's cross-entropy (any network can be measured). The model is left as
+    it was: weights restored, gradients cleared, every module's train/eval mode back.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+    module("model", model)
+    batch_size, seq_len, seed = positive_int("batch_size", batch_size), positive_int("seq_len", seq_len), \
+        integer("seed", seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (apply a method or full_finetune first)")

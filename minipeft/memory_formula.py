@@ -41,12 +41,14 @@ from .model import GPTConfig
 from .adapter import PLACEMENTS
 from .methods import METHODS as REGISTRY
 from .presets import PRESETS, ModelShape
+from .nf4 import DQ_BLOCKSIZE
+from .qlora import NF4Config
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 BASE_DTYPES = ("fp32", "bf16", "nf4")
 METHODS = (*REGISTRY, "qlora")  # QLoRA: LoRA's options on a 4-bit base
-NF4_BLOCK = 64  # weights per fp32 absmax constant
+NF4_BLOCK = NF4Config.blocksize  # weights per absmax constant
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ def activation_bytes(shape: ModelShape, plan: Plan, B: int, T: int, act: int = 4
 
 def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_len: int = 32,
                    base_dtype: str = "fp32", compute_dtype: str | None = None, flash: bool | None = None,
-                   double_quant: bool = True, **options) -> MemoryBreakdown:
+                   double_quant: bool = NF4Config.double_quant, **options) -> MemoryBreakdown:
     """The formula's :class:`MemoryBreakdown` of one AdamW training step.
 
     ``model``: a GPTConfig, a :class:`ModelShape` or a name in ``PRESETS``. ``options`` are those of
@@ -263,9 +265,9 @@ def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_
         for n in sizes:
             blocks = -(-n // NF4_BLOCK)
             add("uint8", (n + 1) // 2)                          # two 4-bit codes a byte
-            if double_quant:  # absmax in 8 bits (kept in whole blocks of 256), an fp32 scale per 256, the offset
-                add("uint8", 256 * -(-blocks // 256))
-                add("float32", 4 * (-(-blocks // 256) + 1))
+            if double_quant:  # absmax in 8 bits (in whole blocks of 256), an fp32 scale per 256, the offset
+                add("uint8", DQ_BLOCKSIZE * -(-blocks // DQ_BLOCKSIZE))
+                add("float32", 4 * (-(-blocks // DQ_BLOCKSIZE) + 1))
             else:
                 add("float32", 4 * blocks)                      # one fp32 absmax a block
         add(DTYPE_NAMES[compute_dtype], (N - sum(sizes)) * DTYPE_BYTES[compute_dtype])

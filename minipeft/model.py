@@ -8,15 +8,11 @@ separate ``q_proj k_proj v_proj o_proj``, an MLP ``fc_in -> GELU -> fc_out``, an
 Attention is written out (scores, causal mask, softmax, weighted sum) so the notebooks can show every
 step; ``GPTConfig.fused_attention=True`` switches to PyTorch's fused kernel for speed on a GPU.
 
-Two generic extension points, as real model libraries have them, are what the PEFT methods build on:
-
-* ``inputs_embeds``: give the model vectors instead of token ids (prompt tuning prepends its soft
-  prompt this way);
-* ``past_kv``: a :class:`KVCache` of keys and values from earlier positions, which every query may
-  attend to (prefix tuning pre-fills it with trained prefixes; ``generate()`` uses it to decode fast).
-
-``position_ids`` says which learned position each input vector gets (default: continue after the
-cache). Papers: Vaswani et al. 2017 (arXiv 1706.03762), Radford et al. 2019 (GPT-2).
+The PEFT methods build on two generic extension points, as real model libraries have them:
+``inputs_embeds`` (vectors instead of token ids: prompt tuning prepends its soft prompt this way) and
+``past_kv``, a :class:`KVCache` of keys and values of earlier positions that every query may attend to
+(prefix tuning pre-fills it; ``generate()`` decodes fast with it). ``position_ids`` says which learned
+position each input gets. Papers: Vaswani et al. 2017 (arXiv 1706.03762), Radford et al. 2019 (GPT-2).
 """
 from __future__ import annotations
 
@@ -26,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .common import positive_int
 
 
 @dataclass
@@ -41,9 +39,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "d_model", "n_layer", "n_head", "d_ff"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            positive_int(f"GPTConfig.{name}", getattr(self, name))
         if self.d_model % self.n_head != 0:
             raise ValueError(f"GPTConfig.d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
@@ -53,11 +49,9 @@ class GPTConfig:
 class KVCache:
     """Keys and values of earlier positions, one ``(k, v)`` pair per layer, each ``(B, n_head, T_past, head_dim)``.
 
-    ``update(i, k, v)`` appends the new keys/values of layer ``i`` and returns everything so far.
-    Prefix tuning builds a cache whose layers already hold trained prefixes, and prompt tuning's soft
-    prompt lands in it too: ``n_virtual`` counts such cached positions that are not text, so that the
-    next text token goes to position ``next_position = len(cache) - n_virtual`` (the one place this is
-    decided: the model's default ``position_ids`` use it).
+    ``update(i, k, v)`` appends layer ``i``'s new keys/values and returns all so far. ``n_virtual`` counts
+    cached positions that are not text (a prefix, a soft prompt), so the next text token goes to
+    ``next_position = len(cache) - n_virtual``: the one place this is decided.
     """
 
     def __init__(self, n_layer: int, layers=None, n_virtual: int = 0):
@@ -179,10 +173,8 @@ class GPT(nn.Module):
 
     def forward(self, idx=None, *, inputs_embeds=None, position_ids=None, past_kv: KVCache | None = None):
         """Logits ``(B, T, vocab_size)`` for token ids ``idx`` (B, T) or vectors ``inputs_embeds`` (B, T, C).
-
-        ``position_ids`` (T,) or (B, T): the learned position of each input; default ``P .. P+T-1``
-        where P is ``past_kv.next_position`` (0 without a cache). ``past_kv`` is updated in place with this call's keys/values.
-        """
+        ``position_ids`` (T,) or (B, T): default ``P .. P+T-1`` with P = ``past_kv.next_position`` (0 without
+        a cache). ``past_kv`` is updated in place with this call's keys and values."""
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or inputs_embeds (vectors)")
         if inputs_embeds is None:
@@ -212,12 +204,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, stop_token: int | None = None,
                  use_cache: bool = True) -> torch.Tensor:
-        """Greedy decoding: append ``max_new_tokens`` argmax tokens to ``idx`` (B, T).
-
-        With ``use_cache`` the prompt is run once and each new token costs one position; without it
-        the whole sequence is recomputed at every step (same result, slower). Stops early when every
-        row has produced ``stop_token``.
-        """
+        """Greedy decoding: append ``max_new_tokens`` argmax tokens to ``idx`` (B, T), stopping early once
+        every row has produced ``stop_token``. ``use_cache=False`` recomputes the whole sequence at every
+        step (same result, slower)."""
         was_training = self.training
         self.eval()
         cache = KVCache(self.config.n_layer) if use_cache else None

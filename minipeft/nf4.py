@@ -88,17 +88,13 @@ DQ_BLOCKSIZE = 256  # blocks of absmax constants under double quantisation, as i
 def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """uint8 index into ``code`` of the level nearest to each value (a tie goes to the lower level).
 
-    Sort the levels; the bin edges are the midpoints between neighbours, and a value's nearest level is
-    the sorted level number (how many edges lie below it): ``torch.bucketize(scaled, edges)``, a binary
-    search, as bitsandbytes writes it. For a 4-bit code book we count instead, 15 comparisons a value::
+    The bin edges are the midpoints between sorted levels; the 8-bit map finds a value's bin by binary
+    search (``torch.bucketize``), a 4-bit code book counts the edges below it, 15 comparisons a value::
 
         code(x) = code_0 + sum_j [x > edge_j] * (code_{j+1} - code_j)     (code_j: the j-th level's code)
 
-    (crossing edge j moves from the code of level j to that of level j+1; all steps are 1 for NF4).
-    Counted in fp32 (``gt`` into an fp32 buffer, then ``add_``) these are vectorised float ops; on the
-    CPU they run over chunks of 32K values, which stay in the cache and are small enough that PyTorch
-    runs each op on one thread (no thread start-up 30 times a chunk). On one thread that is ~5x
-    faster than bucketize and ~2.5x faster than counting in bool/uint8 (``benchmarks/nf4.py``).
+    in fp32 over CPU chunks of 32K values (cache-sized, one thread each): ~5x faster than bucketize
+    and ~2.5x faster than counting in bool/uint8 (``benchmarks/nf4.py``).
     """
     order = torch.argsort(code, stable=True)                           # the j-th level has code order[j]
     levels = code[order]
@@ -132,19 +128,18 @@ def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor
     return blocks, torch.maximum(blocks.amax(dim=1), -blocks.amin(dim=1))
 
 
-def _check(x, blocksize: int, what: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{what} is empty: there is nothing to quantise")
-    check_blocksize(blocksize)
-
-
 def check_blocksize(blocksize, what: str = "blocksize") -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0 or blocksize & (blocksize - 1):
         raise ValueError(f"{what} must be a positive power of two, got {blocksize!r}")
+
+
+def check_settings(blocksize, double_quant, quant_type) -> None:
+    """The options of :func:`quantize` (and of a 4-bit layer's ``NF4Config``), refused naming the option."""
+    check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    if not isinstance(quant_type, str) or quant_type not in CODEBOOKS:
+        raise ValueError(f"quant_type must be one of {sorted(CODEBOOKS)}, got {quant_type!r}")
 
 
 def checksum(t: torch.Tensor) -> int:
@@ -226,11 +221,12 @@ def quantize(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False, q
 
     Blocks whose absmax is below 1e-38 (subnormal) are scaled as if it were 1e-38, as in bitsandbytes.
     """
-    _check(x, blocksize)
-    if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
-    if not isinstance(quant_type, str) or quant_type not in CODEBOOKS:
-        raise ValueError(f"quant_type must be one of {sorted(CODEBOOKS)}, got {quant_type!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (torch.Tensor), got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.numel() == 0:
+        raise ValueError("x is empty: there is nothing to quantise")
+    check_settings(blocksize, double_quant, quant_type)
     blocks, absmax = _blocks(x, blocksize)
     if not bool(torch.isfinite(absmax).all()):  # a NaN or inf anywhere makes its block's absmax NaN or inf
         raise ValueError("x contains NaN or infinite values, which cannot be quantised")
@@ -250,13 +246,11 @@ def quantize(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False, q
 
 
 def check_state(packed: torch.Tensor, state: QuantState, values: bool = True) -> None:
-    """Refuse a ``(packed, state)`` pair that :func:`dequantize` would decode into garbage.
+    """Refuse a ``(packed, state)`` pair that :func:`dequantize` would decode into garbage, naming the field.
 
-    Always (from the fields alone, no pass over the data): a known ``quant_type``, a floating ``dtype``,
-    a valid ``blocksize``, ``shape`` matching the number of packed bytes (ceil(n/2)) and of absmax
-    constants (ceil(n/blocksize)), double-quantisation fields all present or all absent, with their
-    dtypes and sizes. With ``values``: finite, non-negative absmax (or absmax2, finite offset), and the
-    fields and checksums recorded by :func:`quantize`. Raises ValueError naming the field.
+    Always, from the fields alone: each field's type, and sizes that agree with each other and with the
+    packed bytes. With ``values`` (a pass over the data): finite, non-negative constants, and the fields
+    and checksums recorded by :func:`quantize`.
     """
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be the QuantState returned by quantize(), got {type(state).__name__}")

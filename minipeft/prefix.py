@@ -14,20 +14,13 @@ Reparameterisation (the paper's section 4.3: optimising P directly was unstable 
 ``MLP = Linear -> tanh -> Linear`` up to ``n_layer * 2 * d_model``. Once trained, the MLP is not needed
 any more: :func:`fold_prefix` stores its output as plain prefixes, with identical outputs.
 
-How it hooks in, without editing the model: the prefixes go through the model's key/value cache
-(``past_kv``), where generation keeps the keys and values of earlier tokens. A forward pre-hook passes
-a :class:`KVCache` pre-filled with the prefixes when the call brings no cache, and fills an empty cache
-it is given (``generate()``'s own cache, on its first call); a non-empty cache already holds them.
-The cache counts the prefix as ``n_virtual`` positions that are not text, so the text keeps positions
-``0 .. T-1``; the context counts the prefix: ``n_prefix + T <= block_size``.
-
-Named prefixes: one model can hold several (one per task), chosen with ``mp.set_adapter`` and
-friends (:mod:`minipeft.methods`). One per batch row (``mp.adapter_per_row``) runs each row with its own
-task's prefix in a single forward pass: the cache simply holds a different prefix in each row (all of
-them must have the same ``n_prefix``).
-
-Sizes: ``add_prefix_tuning`` asks for ``n_prefix >= 1``. The hook itself works with an empty prefix,
-which leaves the base model unchanged: the tests check that by emptying the parameter.
+How it hooks in, without editing the model: through the key/value cache (``past_kv``), where
+generation keeps the keys and values of earlier tokens. A forward pre-hook fills the call's cache with
+the prefixes (a fresh one, or ``generate()``'s empty one; a non-empty cache already holds them) and
+counts them as ``n_virtual`` positions that are not text, so the text keeps positions ``0 .. T-1``; the
+context counts the prefix: ``n_prefix + T <= block_size``. Named prefixes (one per task) are chosen
+with ``mp.set_adapter`` and friends; ``mp.adapter_per_row`` simply puts a different prefix in each row
+of the cache (all with the same ``n_prefix``).
 """
 from __future__ import annotations
 
@@ -36,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from .common import Method, adapter_name, boolean, integer, non_negative_float, positive_int
+from .common import Method, adapter_name, boolean, integer, module, non_negative_float, positive_int
 from .full import freeze
 from .model import GPT, KVCache
 
@@ -152,17 +145,11 @@ class PrefixTuning(nn.Module):
 def add_prefix_tuning(model: GPT, n_prefix: int = 10, reparam: bool = True, name: str = "default",
                       **options) -> GPT:
     """Freeze ``model`` and add trainable key/value prefixes to every layer; returns the model.
-
-    ``options`` are the other fields of :class:`PrefixTuningConfig`. Adding a prefix under a new
-    ``name`` keeps the earlier ones and makes the new one active (and the only trainable one).
-    """
+    ``options``: the other fields of :class:`PrefixTuningConfig`. A new ``name`` keeps the earlier
+    prefixes and makes the new one active (and the only trainable one)."""
     config = PrefixTuningConfig(n_prefix=n_prefix, reparam=reparam, **options)  # validates the options
-    if not isinstance(model, GPT):
-        raise TypeError(f"add_prefix_tuning needs a minipeft GPT, got {type(model).__name__}")
-    adapter_name(name)
-    if name in _names(model):
-        raise ValueError(f"the model already has a prefix named {name!r}; pick another name or "
-                         f"mp.delete_adapter() it")
+    module("model", model, GPT)
+    adapter_name(name, _names(model), "a prefix")
     if n_prefix >= model.config.block_size:
         raise ValueError(f"n_prefix={n_prefix} leaves no room for text in the context "
                          f"(block_size={model.config.block_size})")

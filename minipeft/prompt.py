@@ -8,27 +8,18 @@ so only ``n_tokens * d_model`` numbers train (20 x 128 = 2,560 for the toy model
 Lester, Al-Rfou & Constant 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning",
 arXiv 2104.08691.
 
-How it hooks in, without editing the model: the soft prompt is a submodule of the model
-(``model.prompt_tuning``, so it is in ``parameters()`` and ``state_dict()``), and two hooks rewrite
-every call:
+How it hooks in, without editing the model: the soft prompt is a submodule (``model.prompt_tuning``,
+so it is in ``parameters()`` and ``state_dict()``); a forward pre-hook turns ``model(idx)`` into
+``model(inputs_embeds=[P ; E[idx]], position_ids=...)`` and a forward hook drops the virtual positions
+from the logits, so the output is ``(B, T, V)`` as before and the loss, ``train`` and ``evaluate`` work
+unchanged.
 
-* a forward pre-hook turns ``model(idx)`` into ``model(inputs_embeds=[P ; E[idx]], position_ids=...)``;
-* a forward hook drops the virtual positions from the logits, so the output is ``(B, T, V)`` as
-  before and the loss, the accuracy, :func:`minipeft.train` and :func:`minipeft.evaluate` work unchanged.
-
-Positions: the text keeps positions ``0 .. T-1``, as in pretraining, and the virtual tokens have no
-position: the hook hands the model ``P - pos_emb[0]`` at position 0, so after the model adds
-``pos_emb[0]`` the first block reads exactly ``P``. Letting the prompt push the text to positions
-``n_tokens ..`` instead makes prompt tuning collapse on the toy model (notebook 03 shows it). The
-context still counts the virtual tokens: ``n_tokens + T <= block_size``.
-
-Generation: ``model.generate`` hands the model an empty :class:`KVCache` on its first call; the soft
-prompt goes in front then and stays in the cache (counted as ``n_virtual`` positions that are not text),
-so later steps (cache not empty) add nothing and the model places the new tokens after the text.
-
-Sizes: ``add_prompt_tuning`` asks for at least one token (a zero-token prompt trains nothing). The
-hooks themselves work with an empty soft prompt, which leaves the base model unchanged: the tests
-check that by emptying the parameter.
+Positions: the text keeps positions ``0 .. T-1``, as in pretraining; the virtual tokens have none (the
+hook hands the model ``P - pos_emb[0]`` at position 0, so the first block reads exactly ``P``). Pushing
+the text to positions ``n_tokens ..`` instead makes prompt tuning collapse on the toy model (notebook
+03). The context counts the virtual tokens: ``n_tokens + T <= block_size``. In generation the soft
+prompt enters ``generate``'s empty :class:`KVCache` on the first call and stays there (``n_virtual``
+positions that are not text); later steps add nothing.
 """
 from __future__ import annotations
 
@@ -37,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from .common import Method, integer, one_of, positive_int
+from .common import Method, integer, module, one_of, positive_int
 from .full import freeze
 from .model import GPT
 from .tasks import PAD_ID, tokenizer
@@ -140,14 +131,10 @@ def initial_prompt(model: GPT, config: PromptTuningConfig) -> torch.Tensor:
 
 def add_prompt_tuning(model: GPT, n_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
                       seed: int = 0) -> GPT:
-    """Freeze ``model`` and give it a trainable soft prompt of ``n_tokens`` vectors; returns the model.
-
-    ``init="vocab"`` starts from the embeddings of ``init_text`` (repeated or cut to ``n_tokens``) or,
-    without a text, of characters sampled from the vocabulary; ``init="random"`` from Gaussian vectors.
-    """
+    """Freeze ``model`` and give it a trainable soft prompt of ``n_tokens`` vectors (see
+    :class:`PromptTuningConfig`); returns the model."""
     config = PromptTuningConfig(n_tokens, init, init_text, seed)  # validates the options
-    if not isinstance(model, GPT):
-        raise TypeError(f"add_prompt_tuning needs a minipeft GPT, got {type(model).__name__}")
+    module("model", model, GPT)
     if hasattr(model, "prompt_tuning"):
         raise ValueError("the model already has prompt tuning; start again from a fresh mp.load_base()")
     if n_tokens >= model.config.block_size:

@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 
 from . import nf4
-from .common import boolean, module, replace_module
+from .common import AdapterFileError, BaseMismatchError, boolean, methods_applied, module, replace_module
 from .full import freeze
-from .methods import methods_in
 
 
 @dataclass
@@ -37,11 +36,7 @@ class NF4Config:
     compute_dtype: torch.dtype | None = None  # None: bf16 on CUDA, fp32 elsewhere
 
     def __post_init__(self):
-        nf4.check_blocksize(self.blocksize)
-        if not isinstance(self.double_quant, bool):
-            raise TypeError(f"double_quant must be True or False, got {self.double_quant!r}")
-        if not isinstance(self.quant_type, str) or self.quant_type not in nf4.CODEBOOKS:
-            raise ValueError(f"quant_type must be one of {sorted(nf4.CODEBOOKS)}, got {self.quant_type!r}")
+        nf4.check_settings(self.blocksize, self.double_quant, self.quant_type)
         if self.compute_dtype is not None and not (isinstance(self.compute_dtype, torch.dtype)
                                                    and self.compute_dtype.is_floating_point):
             raise TypeError(f"compute_dtype must be a floating torch.dtype or None, got {self.compute_dtype!r}")
@@ -138,8 +133,9 @@ def _skipped(name: str, skip) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
-def quantize_nf4(model: nn.Module, skip=("tok_emb", "head"), blocksize: int = 64, double_quant: bool = True,
-                 quant_type: str = "nf4", compute_dtype: torch.dtype | None = None) -> nn.Module:
+def quantize_nf4(model: nn.Module, skip=("tok_emb", "head"), blocksize: int = NF4Config.blocksize,
+                 double_quant: bool = NF4Config.double_quant, quant_type: str = NF4Config.quant_type,
+                 compute_dtype: torch.dtype | None = NF4Config.compute_dtype) -> nn.Module:
     """Freeze ``model`` and replace each ``nn.Linear`` (except those named in ``skip``) by a
     :class:`Linear4bit`, in place; returns ``model``. ``mp.add_lora(model, ...)`` afterwards gives QLoRA.
     """
@@ -150,7 +146,7 @@ def quantize_nf4(model: nn.Module, skip=("tok_emb", "head"), blocksize: int = 64
         raise TypeError(f"skip must be module names, got {skip!r}")
     if linear4bit_layers(model):
         raise ValueError("the model is already quantised (it has Linear4bit layers)")
-    present = sorted(methods_in(model))
+    present = methods_applied(model)
     if present:
         raise ValueError(f"the model already has {present} applied: quantise the base first, then add the "
                          f"method (mp.quantize_nf4(model); mp.add_lora(model, ...)), so that the method's "
@@ -191,3 +187,41 @@ def dequantize_nf4(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.M
 def linear4bit_layers(model: nn.Module) -> dict[str, Linear4bit]:
     """Every :class:`Linear4bit` of ``model`` by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+
+# --- bookkeeping: a LoRA file records how its 4-bit base was quantised (LoRA's entry reads these two) -----
+
+NF4_KEYS = ("layers", "blocksize", "double_quant", "quant_type", "compute_dtype")
+
+
+def nf4_settings(model: nn.Module) -> dict | None:
+    """How the base was quantised (JSON-able), or None for a full-precision base."""
+    layers = {w.removesuffix(".base_layer"): m.config for w, m in linear4bit_layers(model).items()}
+    settings = {(c.blocksize, c.double_quant, c.quant_type, str(c.compute_dtype)) for c in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"the 4-bit layers were quantised with different settings {sorted(settings)}")
+    if not layers:
+        return None
+    blocksize, double_quant, quant_type, dtype = settings.pop()
+    return dict(layers=sorted(layers), blocksize=blocksize, double_quant=double_quant, quant_type=quant_type,
+                compute_dtype=None if dtype == "None" else dtype.removeprefix("torch."))
+
+
+def quantize_like(model: nn.Module, saved: dict | None) -> None:
+    """Quantise a full-precision base as the saved one was (the fingerprint checks the result)."""
+    if saved is not None and (not isinstance(saved, dict) or set(saved) != set(NF4_KEYS)
+                              or not isinstance(saved["layers"], list)):
+        raise AdapterFileError(f"options.base_nf4 must be null or an object with the keys {list(NF4_KEYS)}")
+    have = nf4_settings(model)
+    if have == saved:
+        return
+    if have is not None or saved is None:
+        def what(o):
+            return "full-precision" if o is None else f"4-bit ({o['quant_type']}, blocksize {o['blocksize']})"
+        raise BaseMismatchError(f"the adapter was saved on a {what(saved)} base; this base is {what(have)}")
+    opts = dict(saved)
+    layers, dtype = set(opts.pop("layers")), opts.pop("compute_dtype")
+    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise AdapterFileError(f"options.base_nf4.compute_dtype {dtype!r} is not a torch dtype")
+    skip = tuple(n for n, m in model.named_modules() if type(m) is nn.Linear and n not in layers)
+    quantize_nf4(model, skip=skip, compute_dtype=dtype and getattr(torch, dtype), **opts)

@@ -12,10 +12,6 @@ reads the prompt ``reverse:abcd=`` and is scored on the answer ``dcba.`` only (t
 Three disjoint splits: ``train`` (the model learns from it), ``val`` (choices such as the learning
 rate are made on it) and ``test`` (reported once the choices are made, never used to choose).
 
->>> task = make_task("rotate", seed=0)
->>> task.train[0]                                                       # doctest: +SKIP
-'rotate:qwxbd=wxbdq.'
-
 Under teacher forcing the model predicts every answer character from the true characters before it,
 so "all answer characters right" (exact match) is the same as greedy decoding getting the answer
 right, in one forward pass.
@@ -26,6 +22,8 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+
+from .common import integer, positive_int
 
 PAD_ID = 0
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz:=,."
@@ -111,18 +109,9 @@ def make_task(name: str, seed: int = 0, n_train: int | None = None, n_val: int =
     """
     if not isinstance(name, str) or name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    for arg, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-        if isinstance(value, bool):
-            raise TypeError(f"{arg} must be an integer, got {value!r}")
+    seed, n_val, n_test = integer("seed", seed), positive_int("n_val", n_val), integer("n_test", n_test, 0)
+    n_train = (N_FEW if name.endswith("_few") else 2000) if n_train is None else positive_int("n_train", n_train)
     base = name.removesuffix("_few")
-    if n_train is None:
-        n_train = N_FEW if name.endswith("_few") else 2000
-    if not (isinstance(n_train, int) and isinstance(n_val, int) and n_train > 0 and n_val > 0):
-        raise ValueError(f"n_train and n_val must be positive integers, got n_train={n_train!r}, n_val={n_val!r}")
-    if not isinstance(n_test, int) or n_test < 0:
-        raise ValueError(f"n_test must be a non-negative integer, got {n_test!r}")
     make_input, _ = _RULES[base]
     capacity = 100 * 100 if base == "add" else sum(26 ** k for k in range(3, 9))
     n = n_val + n_train + n_test

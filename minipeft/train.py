@@ -5,15 +5,13 @@ linear warm-up then cosine decay to 10 % of the peak learning rate, gradient cli
 cross-entropy on the answer characters only. Deterministic under a seed on the CPU; bf16 autocast
 on CUDA. ``MINIPEFT_QUICK=1`` (set by CI) makes :func:`budget` pick the small numbers.
 
-Nothing is lost on bad input: every argument is checked before the model is touched, a step whose
-loss or gradient is not finite is never applied (training stops with the weights as they were before
-it), and the model's train/eval mode is restored when training fails.
+Nothing is lost on bad input: every argument is checked before the model is touched, and a step
+whose loss or gradient is not finite is never applied.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,59 +20,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .common import boolean
+from .common import boolean, integer, module, non_negative_float, positive_float, positive_int
 from .tasks import IGNORE, Task, encode_batch, exact_match
 
 QUICK = os.environ.get("MINIPEFT_QUICK", "") not in ("", "0")
 SPLITS = ("train", "val", "test")
 
 
-# --- argument checks: each returns the checked value, or raises naming the argument -----------------
-
-def _int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
-def _positive_int(name: str, value) -> int:
-    value = _int(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return value
-
-
-def _int_in_range(name: str, value, low: int, high: int | None = None) -> int:
-    value = _int(name, value)
-    if value < low or (high is not None and value > high):
-        where = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {where}, got {value}")
-    return value
-
-
-def _finite_float(name: str, value, low: float = -math.inf, strict: bool = False) -> float:
-    """A finite real number ``> low`` (``strict``) or ``>= low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (strict and value == low):
-        what = "a positive finite number" if strict and low == 0 else f"a finite number {'>' if strict else '>='} {low:g}"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return value
-
-
-def _device(name: str, value) -> torch.device:
+def _device(value) -> torch.device:
     """``torch.device(value)``, refused with a clear error if torch does not know it or it is absent."""
     if not isinstance(value, (str, int, torch.device)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a torch.device or a string like 'cpu' or 'cuda', got {value!r}")
+        raise TypeError(f"device must be a torch.device or a string like 'cpu' or 'cuda', got {value!r}")
     try:
         device = torch.device(value)
     except RuntimeError as err:
-        raise ValueError(f"{name} {value!r} is not a device torch knows ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name} is {value!r} but this machine has no CUDA GPU; use 'cpu' or leave it None")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"{name} is {value!r} but MPS is not available here; use 'cpu' or leave it None")
+        raise ValueError(f"device {value!r} is not a device torch knows ({err})") from None
+    if device.type != "cpu" and device.type != default_device().type:
+        raise ValueError(f"device is {value!r} but this machine has no such device; use 'cpu' or leave it None")
     return device
 
 
@@ -164,41 +126,35 @@ def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tens
     return value
 
 
-def _texts(task) -> list[str]:
+def _tasks(task) -> list[Task]:
     tasks = [task] if isinstance(task, Task) else list(task) if isinstance(task, (list, tuple)) else []
     if not tasks or not all(isinstance(t, Task) for t in tasks):
         raise ValueError(f"task must be a Task from make_task() or a non-empty list of them, got {task!r:.80}")
-    texts = [text for t in tasks for text in t.train]
-    if not texts:
+    if not any(t.train for t in tasks):
         raise ValueError("task has no training examples (an empty train split)")
-    return texts
+    return tasks
 
 
 def train(model: torch.nn.Module, task, steps: int = 400, lr: float = 1e-3, batch_size: int = 32,
           seed: int = 0, warmup: int | None = None, weight_decay: float = 0.0, eval_every: int = 0,
           device=None, progress: bool = True) -> History:
-    """Train ``model`` in place on ``task`` (a Task, or a list of Tasks mixed together).
+    """Train ``model`` in place on ``task`` (a Task, or a list of Tasks mixed together); returns a :class:`History`.
 
-    Only parameters with ``requires_grad`` are optimised. ``warmup`` defaults to 10 % of the steps.
-    With ``eval_every > 0`` the exact match on the train and validation splits is recorded every that
-    many steps (and at the end). Returns a :class:`History`; the model ends in eval mode with its
-    gradients cleared. On an error the model keeps its train/eval mode; a step with a non-finite loss
-    or gradient norm raises ``ValueError`` and leaves the weights as they were before that step.
+    Only parameters with ``requires_grad`` are optimised; ``warmup`` defaults to 10 % of the steps. With
+    ``eval_every > 0`` the exact match on train and val is recorded every that many steps and at the end.
+    The model ends in eval mode, gradients cleared; on an error it keeps its train/eval mode, and a step
+    with a non-finite loss or gradient norm raises ``ValueError`` with the weights as before that step.
     """
     # every check first: nothing is touched until all arguments are known to be good
-    steps = _positive_int("steps", steps)
-    lr = _finite_float("lr", lr, 0.0, strict=True)
-    batch_size = _positive_int("batch_size", batch_size)
-    seed = _int("seed", seed)
-    warmup = max(1, steps // 10) if warmup is None else _int_in_range("warmup", warmup, 0, steps)
-    weight_decay = _finite_float("weight_decay", weight_decay, 0.0)
-    eval_every = _int_in_range("eval_every", eval_every, 0)
+    steps, batch_size = positive_int("steps", steps), positive_int("batch_size", batch_size)
+    lr, weight_decay = float(positive_float("lr", lr)), float(non_negative_float("weight_decay", weight_decay))
+    seed, eval_every = integer("seed", seed), integer("eval_every", eval_every, 0)
+    warmup = max(1, steps // 10) if warmup is None else integer("warmup", warmup, 0, steps)
     progress = boolean("progress", progress)
-    device = default_device() if device is None else _device("device", device)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    texts = _texts(task)
-    tasks = [task] if isinstance(task, Task) else list(task)
+    device = default_device() if device is None else _device(device)
+    module("model", model)
+    tasks = _tasks(task)
+    texts = [text for t in tasks for text in t.train]
     if eval_every and not all(t.val for t in tasks):
         raise ValueError("eval_every > 0 needs every task to have validation examples")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -264,8 +220,7 @@ def _loop(model, tasks, texts, params, steps, lr, batch_size, seed, warmup, weig
 def evaluate(model: torch.nn.Module, task: Task, split: str = "val", batch_size: int = 512,
              max_examples: int | None = 1000) -> float:
     """Exact-match accuracy in [0, 1] of ``model`` on ``task``'s ``split`` ("val", "train" or "test")."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch nn.Module (a minipeft GPT), got {type(model).__name__}")
+    module("model", model)
     if not isinstance(task, Task):
         raise ValueError(f"evaluate needs a Task from make_task(), got {type(task).__name__}")
     has = [s for s in SPLITS if getattr(task, s, None) is not None]  # "test" only where the Task has one
@@ -273,10 +228,8 @@ def evaluate(model: torch.nn.Module, task: Task, split: str = "val", batch_size:
         raise ValueError(f"split must be {' or '.join(map(repr, has))} (the splits of task {task.name!r}), "
                          f"got {split!r}")
     texts = getattr(task, split)
-    batch_size = _positive_int("batch_size", batch_size)
-    if max_examples is not None:
-        max_examples = _positive_int("max_examples", max_examples)
-    texts = texts[:max_examples]
+    batch_size = positive_int("batch_size", batch_size)
+    texts = texts[:max_examples if max_examples is None else positive_int("max_examples", max_examples)]
     if not texts:
         raise ValueError(f"the {split!r} split of task {task.name!r} is empty: nothing to evaluate")
     device = model_device(model)

@@ -163,7 +163,7 @@ def test_korthikanti_without_dropout():
 
 def test_formula_rejects_bad_input():
     with pytest.raises(ValueError, match="unknown method"):
-        predict_memory("toy", "dora")
+        predict_memory("toy", "no_such_method")
     with pytest.raises(ValueError, match="takes the options"):
         predict_memory("toy", "lora", rank=4)
     with pytest.raises(ValueError, match="4-bit"):

@@ -9,12 +9,17 @@ def plot_histories(histories: dict, ax=None, smooth: int = 10, title: str = "tra
     """Loss curves of several runs, ``{label: History}``, smoothed by a moving average of ``smooth`` steps."""
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
     for label, hist in histories.items():
-        loss = np.asarray(hist.loss)
-        k = max(1, min(smooth, len(loss)))
-        ax.plot(np.arange(k, len(loss) + 1), np.convolve(loss, np.ones(k) / k, mode="valid"), label=label)
+        ax.plot(*_smoothed(hist.loss, smooth), label=label)
     ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
     ax.legend()
     return fig
+
+
+def _smoothed(loss, k: int):
+    """``(steps, moving average of the loss over k steps)``."""
+    loss = np.asarray(loss)
+    k = max(1, min(k, len(loss)))
+    return np.arange(k, len(loss) + 1), np.convolve(loss, np.ones(k) / k, mode="valid")
 
 
 def plot_attention(weights, labels_q, labels_k=None, ax=None, title: str = "attention weights"):
@@ -72,10 +77,7 @@ def plot_sweep_selection(x, values, selected, histories=None, xlabel: str = "", 
                  f"({num['n_seeds']} seed{'s' * (num['n_seeds'] > 1)})".strip())
     if histories:
         for k, hist in enumerate(histories[selected]):
-            loss = np.asarray(hist.loss)
-            w = max(1, min(10, len(loss)))
-            axes[0, 1].plot(np.arange(w, len(loss) + 1), np.convolve(loss, np.ones(w) / w, mode="valid"),
-                            label=f"seed {k}")
+            axes[0, 1].plot(*_smoothed(hist.loss, 10), label=f"seed {k}")
         axes[0, 1].set(xlabel="step", ylabel="loss", yscale="log", title=f"training loss, {xlabel}={selected}")
         axes[0, 1].legend(fontsize=8)
     fig.tight_layout()
