@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: lab test unit browser notebooks pretrain warm clean
+.PHONY: lab test unit browser notebooks pretrain warm clean dashboard
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ browser: $(VENV)/.installed
 # before a lecture: every notebook once in default mode, filling the results cache (.minipeft_cache/)
 warm: $(VENV)/.installed
 	$(PY) -m minipeft warm
+
+# the lecture dashboard: the low-rank, NF4 and memory widgets in tabs, served by Voila at http://localhost:8866
+dashboard: $(VENV)/.installed
+	$(VENV)/bin/voila notebooks/lecture_dashboard.ipynb
 
 pretrain: $(VENV)/.installed
 	$(PY) -m minipeft pretrain

@@ -2,10 +2,11 @@
 
 Headless runs (CI, nbval) never move a slider, which is why the work lives in those functions.
 
-Every widget is shown with a PNG of the figure it drew first, next to the widget itself: a front end that
-cannot run the widget (a notebook JupyterLab does not trust, which is every freshly cloned one; GitHub;
-nbviewer) shows that picture instead of the text ``VBox(children=...``. A trusted notebook stored with its
-widget state (``--ExecutePreprocessor.store_widget_state=True``) draws the widget itself, from that state.
+Each function returns its widget (a notebook cell ending with the call shows it). The widget is shown with
+a PNG of its figure next to the widget view: a front end that cannot run widgets (a notebook JupyterLab does
+not trust, which is every freshly cloned one; GitHub; nbviewer) shows that picture instead of the text
+``VBox(children=...``. A trusted notebook stored with its widget state
+(``--ExecutePreprocessor.store_widget_state=True``) draws the widget itself from that state.
 """
 from __future__ import annotations
 
@@ -16,14 +17,28 @@ import ipywidgets as w
 from IPython.display import Image, display
 
 
-class _FigureBox(w.VBox):
+class _WithPicture:
+    """Adds the PNG of ``self._picture()`` (if any) to the widget's display bundle."""
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        png = self._picture()
+        if png is not None:
+            bundle["image/png"] = base64.b64encode(png).decode()
+        return bundle
+
+
+class _FigureBox(_WithPicture, w.VBox):
     """Rows of controls above an ``Output`` holding ``plot(**values)``, redrawn on every change (after
-    ``before(**values)``, for controls that follow others); shown with its last picture (module docstring)."""
+    ``before(**values)``, for controls that follow others)."""
 
     def __init__(self, rows, controls: dict, plot, before=None):
         self._out, self._png, self._plot, self._before = w.Output(), None, plot, before
         super().__init__([*rows, self._out])
         w.interactive_output(self._draw, controls)
+
+    def _picture(self):
+        return self._png
 
     def _draw(self, **values):
         """Replace the figure with ``plot(**values)`` (a ValueError from it is printed instead)."""
@@ -45,17 +60,25 @@ class _FigureBox(w.VBox):
             self._png = buffer.getvalue()
             display(Image(self._png))
 
-    def _repr_mimebundle_(self, **kwargs):
-        bundle = super()._repr_mimebundle_(**kwargs)
-        if self._png is not None:
-            bundle["image/png"] = base64.b64encode(self._png).decode()
-        return bundle
+
+class _Tabs(_WithPicture, w.Tab):
+    """Tabs of figure widgets; the picture is the open tab's."""
+
+    def _picture(self):
+        return self.children[self.selected_index or 0]._picture()
+
+
+def dashboard(deltas_full: dict, deltas_lora: dict, weights: dict, r: int = 8) -> w.Tab:
+    """The lecture's three widgets in tabs: low-rank updates, NF4 bins, memory (arguments as there)."""
+    pages = {"Low-rank updates": lowrank_widget(deltas_full, deltas_lora, r), "NF4 bins": nf4_bins_widget(weights),
+             "Memory": memory_widget()}
+    return _Tabs(children=list(pages.values()), titles=list(pages), layout=w.Layout(width="100%"))
 
 
 # --- memory ---------------------------------------------------------------------------------------
 
 
-def memory_widget():
+def memory_widget() -> w.VBox:
     """Model preset, method, LoRA rank, base precision, batch and sequence length -> the predicted bar
     and the GPU sizes it fits (:func:`minipeft.plots.plot_memory_estimate`)."""
     from .methods import METHODS
@@ -76,15 +99,15 @@ def memory_widget():
     def rank_only_for_lora(method, **_):
         controls["r"].disabled = method != "lora"
 
-    display(_FigureBox([w.HBox([controls["preset"], controls["method"], controls["r"]]), controls["base_dtype"],
-                        w.HBox([controls["batch_size"], controls["seq_len"]])],
-                       controls, plot_memory_estimate, before=rank_only_for_lora))
+    return _FigureBox([w.HBox([controls["preset"], controls["method"], controls["r"]]), controls["base_dtype"],
+                       w.HBox([controls["batch_size"], controls["seq_len"]])],
+                      controls, plot_memory_estimate, before=rank_only_for_lora)
 
 
 # --- LoRA -----------------------------------------------------------------------------------------
 
 
-def lowrank_widget(deltas_full: dict, deltas_lora: dict, r: int = 8, max_rank: int = 64):
+def lowrank_widget(deltas_full: dict, deltas_lora: dict, r: int = 8, max_rank: int = 64) -> w.VBox:
     """A layer menu and a rank slider over :func:`minipeft.plots.plot_lowrank`.
 
     ``deltas_full`` / ``deltas_lora``: ``{layer name: dW}`` from full fine-tuning and from LoRA (the
@@ -98,13 +121,13 @@ def lowrank_widget(deltas_full: dict, deltas_lora: dict, r: int = 8, max_rank: i
     def plot(layer, r):
         return plot_lowrank(deltas_full[layer], deltas_lora[layer], r, layer, max_rank)
 
-    display(_FigureBox([w.HBox([controls["layer"], controls["r"]])], controls, plot))
+    return _FigureBox([w.HBox([controls["layer"], controls["r"]])], controls, plot)
 
 
 # --- NF4 ------------------------------------------------------------------------------------------
 
 
-def nf4_bins_widget(weights: dict, blocksize: int = 64):
+def nf4_bins_widget(weights: dict, blocksize: int = 64) -> w.VBox:
     """Layer, block, block size, code book and double quantisation over :func:`minipeft.plots.plot_nf4_bins`.
 
     ``weights``: ``{layer name: weight tensor}``."""
@@ -129,14 +152,14 @@ def nf4_bins_widget(weights: dict, blocksize: int = 64):
         block = min(block, n_blocks(layer, blocksize) - 1)
         return plot_nf4_bins(weights[layer], block, blocksize, quant_type, double_quant, layer)
 
-    display(_FigureBox([w.HBox([controls["layer"], controls["blocksize"], controls["double_quant"]]),
-                        w.HBox([controls["block"], controls["quant_type"]])], controls, plot, before=follow))
+    return _FigureBox([w.HBox([controls["layer"], controls["blocksize"], controls["double_quant"]]),
+                       w.HBox([controls["block"], controls["quant_type"]])], controls, plot, before=follow)
 
 
 # --- prompt tuning, prefix tuning, adapters ----------------------------------------------------------
 
 
-def sweep_widget(x, values, histories=None, xlabel: str = "", ylabel: str = "exact match", title: str = ""):
+def sweep_widget(x, values, histories=None, xlabel: str = "", ylabel: str = "exact match", title: str = "") -> w.VBox:
     """A slider over the stored sweep ``x`` (for example the number of virtual tokens) redrawing
     :func:`minipeft.plots.plot_sweep_selection`; nothing is retrained."""
     from .plots import plot_sweep_selection
@@ -146,4 +169,4 @@ def sweep_widget(x, values, histories=None, xlabel: str = "", ylabel: str = "exa
     def plot(selected):
         return plot_sweep_selection(x, values, selected, histories, xlabel, ylabel, title)
 
-    display(_FigureBox([slider], dict(selected=slider), plot))
+    return _FigureBox([slider], dict(selected=slider), plot)

@@ -20,7 +20,7 @@ VIEW = "application/vnd.jupyter.widget-view+json"
 
 @pytest.fixture
 def shown(monkeypatch):
-    """Everything the widgets pass to display(), in order: the widget box, then each picture."""
+    """Every picture the widgets display in their Output, in order."""
     items = []
     monkeypatch.setattr(widgets, "display", lambda *objs, **kw: items.extend(objs))
     return items
@@ -43,13 +43,8 @@ def pictures(items):
     return [x for x in items if isinstance(x, Image)]
 
 
-def box_of(items):
-    return next(x for x in items if isinstance(x, widgets.w.VBox))
-
-
 def test_memory_widget_redraws_and_greys_out_the_rank(shown, drawn):
-    widgets.memory_widget()
-    box = box_of(shown)
+    box = widgets.memory_widget()
     (preset, method, rank), base_dtype, (batch, tokens) = box.children[0].children, box.children[1], box.children[2].children
     assert len(pictures(shown)) == len(drawn) == 1 and not rank.disabled
     batch.value = 16
@@ -63,8 +58,7 @@ def test_memory_widget_redraws_and_greys_out_the_rank(shown, drawn):
 
 
 def test_memory_widget_refuses_full_finetuning_of_4bit_weights(shown, capsys):
-    widgets.memory_widget()
-    box = box_of(shown)
+    box = widgets.memory_widget()
     n = len(pictures(shown))
     box.children[1].value = "nf4"
     box.children[0].children[1].value = "full"
@@ -74,8 +68,7 @@ def test_memory_widget_refuses_full_finetuning_of_4bit_weights(shown, capsys):
 
 
 def test_the_widget_carries_its_last_picture_for_untrusted_front_ends(shown, drawn):
-    widgets.memory_widget()
-    box = box_of(shown)
+    box = widgets.memory_widget()
     box.children[2].children[0].value = 32
     bundle = box._repr_mimebundle_()
     assert VIEW in bundle and "text/plain" in bundle   # the widget itself, and the text of last resort
@@ -89,8 +82,7 @@ def test_the_widget_carries_its_last_picture_for_untrusted_front_ends(shown, dra
 
 def test_nf4_bins_widget_follows_the_block_size(shown, drawn):
     torch.manual_seed(0)
-    widgets.nf4_bins_widget({"w": torch.randn(32, 64)}, blocksize=64)
-    box = box_of(shown)
+    box = widgets.nf4_bins_widget({"w": torch.randn(32, 64)}, blocksize=64)
     (layer, blocksize, double_quant), (block, quant_type) = box.children[0].children, box.children[1].children
     assert block.max == 32 - 1                 # 2,048 weights in blocks of 64
     block.value = 31
@@ -101,8 +93,7 @@ def test_nf4_bins_widget_follows_the_block_size(shown, drawn):
 
 
 def test_sweep_widget_redraws_the_selected_point(shown):
-    widgets.sweep_widget([1, 2, 4], [[0.1, 0.5, 0.9], [0.3, 0.5, 0.7]], xlabel="n")   # two seeds
-    slider = box_of(shown).children[0]
+    slider = widgets.sweep_widget([1, 2, 4], [[0.1, 0.5, 0.9], [0.3, 0.5, 0.7]], xlabel="n").children[0]  # 2 seeds
     n = len(pictures(shown))
     slider.value = 2
     assert len(pictures(shown)) == n + 1
@@ -112,9 +103,21 @@ def test_lowrank_widget_redraws_for_each_rank(shown, drawn):
     g = torch.Generator().manual_seed(0)
     full = {"q": torch.randn(16, 16, generator=g), "v": torch.randn(16, 16, generator=g)}
     lora = {"q": torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g)}   # only q has LoRA
-    widgets.lowrank_widget(full, lora, r=2, max_rank=8)
-    layer, rank = box_of(shown).children[0].children
+    layer, rank = widgets.lowrank_widget(full, lora, r=2, max_rank=8).children[0].children
     assert list(layer.options) == ["q"]      # the layers present in both
     n = len(pictures(shown))
     rank.value = 5
     assert len(pictures(shown)) == len(drawn) == n + 1
+
+
+def test_dashboard_tabs_the_three_widgets_and_carries_the_open_tabs_picture(shown, drawn):
+    g = torch.Generator().manual_seed(0)
+    full = {"q": torch.randn(16, 16, generator=g)}
+    lora = {"q": torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g)}
+    tabs = widgets.dashboard(full, lora, {"w": torch.randn(8, 64, generator=g)}, r=2)
+    assert tabs.titles == ("Low-rank updates", "NF4 bins", "Memory") and len(pictures(shown)) == 3
+    for i, page in enumerate(tabs.children):
+        tabs.selected_index = i
+        assert tabs._repr_mimebundle_()["image/png"] == page._repr_mimebundle_()["image/png"]
+    lowrank, nf4, memory = (page._repr_mimebundle_()["image/png"] for page in tabs.children)
+    assert len({lowrank, nf4, memory}) == 3

@@ -1,7 +1,7 @@
 """Fixtures of the browser test: JupyterLab on a loopback port, headless Chromium driven by Playwright.
 
-JupyterLab serves a temporary COPY of the notebooks (outputs stripped), so the committed notebooks are
-never touched. Without Chromium or the ``playwright`` package every test here is skipped with the reason,
+JupyterLab serves a temporary COPY of the notebooks (outputs stripped; and, for the stored view, copies
+as committed in ``untrusted/`` and ``trusted/``), so the committed notebooks are never touched. Without Chromium or the ``playwright`` package every test here is skipped with the reason,
 unless ``MINIPEFT_BROWSER_REQUIRED=1`` (set by CI) turns the skip into a failure. The test runs only when
 asked for by path (``make browser``, ``pytest tests/browser``) or with ``MINIPEFT_BROWSER=1``.
 
@@ -25,7 +25,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import pytest
+from nbformat.sign import NotebookNotary
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -153,13 +155,26 @@ def lab(browser, artifacts, tmp_path_factory):
         shutil.copy(nb, root / nb.name)
     for nb in root.glob("*.ipynb"):
         strip_outputs(nb)
+    # The notebooks as committed (outputs and widget state kept), for the stored view: once as a fresh clone
+    # opens them (not trusted), once trusted (signed in this server's own, otherwise empty, notary).
+    data = tmp / "data"
+    data.mkdir()
+    notary = NotebookNotary(data_dir=str(data))
+    for view in ("untrusted", "trusted"):
+        (root / view).mkdir()
+        for path in (ROOT / "notebooks").glob("*.ipynb"):
+            nb = nbformat.read(path, as_version=4)
+            nb.metadata["minipeft_browser_test"] = view  # the two copies differ: signing one leaves the other
+            if view == "trusted":
+                notary.sign(nb)
+            nbformat.write(nb, root / view / path.name)
     # JupyterLab settings of its own: no news or update checks (no network), no user workspace or config.
     settings = tmp / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
     env = dict(os.environ, MINIPEFT_QUICK="1", JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"), JUPYTER_CONFIG_DIR=str(tmp / "config"),
-               JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
+               JUPYTER_RUNTIME_DIR=str(tmp / "runtime"), JUPYTER_DATA_DIR=str(data))
     lab = Lab(port=_free_port(), token=secrets.token_hex(16), root=root)
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={lab.port}", "--ServerApp.port_retries=0",
