@@ -96,6 +96,25 @@ def test_source_hash_follows_python_files_only(tmp_path, monkeypatch):
     assert SOURCE_HASH() != h
 
 
+def test_source_hash_leaves_out_files_no_run_executes(tmp_path, monkeypatch):
+    (tmp_path / "train.py").write_text("steps = 1\n")
+    (tmp_path / "plots").mkdir()
+    for name in ("report.py", "widgets.py", "plots/general.py", "__main__.py"):
+        (tmp_path / name).write_text("a = 1\n")
+    monkeypatch.setattr(C, "PACKAGE", tmp_path)
+    h = SOURCE_HASH()
+    for name in ("report.py", "widgets.py", "plots/general.py", "__main__.py"):
+        (tmp_path / name).write_text("a = 2\n")
+        assert SOURCE_HASH() == h, name
+    (tmp_path / "train.py").write_text("steps = 2\n")
+    assert SOURCE_HASH() != h
+
+
+def test_source_hash_is_the_code_this_process_imported():
+    """Of the package itself: the hash taken at import (an edit on disk afterwards is not the code that runs)."""
+    assert C.LOADED[0] == C.PACKAGE and SOURCE_HASH() == C.LOADED[1]
+
+
 # --- runs through the cache ----------------------------------------------------------------------------
 
 def _builder(config, calls):
@@ -134,14 +153,16 @@ def test_a_hit_returns_exactly_what_the_run_produced(tiny_config, tiny_task, tmp
     assert sorted(p.name for p in entry.iterdir()) == ["result.json", "tensors.safetensors"]
 
 
-def test_tensors_asked_for_later_are_computed_and_stored(tiny_config, tiny_task, tmp_path):
+def test_tensors_are_stored_even_when_not_kept(tiny_config, tiny_task, tmp_path):
+    """A run made without keep_tensors stores its tensors anyway: a later caller that needs them (to
+    restore the trained model) loads them instead of training again."""
     calls, cache = [], C.Cache(tmp_path, enabled=True)
     without = _run(_builder(tiny_config, calls), tiny_task, cache, keep_tensors=False)
     assert without.tensors is None
-    assert _run(_builder(tiny_config, calls), tiny_task, cache, keep_tensors=False).cached
     with_tensors = _run(_builder(tiny_config, calls), tiny_task, cache, keep_tensors=True)
-    assert not with_tensors.cached and len(calls) == 2 and with_tensors.history.loss == without.history.loss
-    assert _run(_builder(tiny_config, calls), tiny_task, cache, keep_tensors=True).cached
+    assert with_tensors.cached and len(calls) == 1 and with_tensors.history.loss == without.history.loss
+    made_here = _run(_builder(tiny_config, []), tiny_task, C.Cache(tmp_path / "other", enabled=True))
+    _same(made_here, with_tensors, timing=False)
 
 
 def _flip_a_byte(path):

@@ -251,3 +251,22 @@ def test_lr_search_reuses_the_search_runs_as_seeds(tiny_config, tiny_task):
     with pytest.raises(ValueError, match="search_seeds"):
         P.lr_search({"method": "full"}, _builder(tiny_config), tiny_task, grid=P.log_grid(1e-3, 1e-1),
                     seeds=2, search_seeds=3, **ARGS)
+
+
+def test_tracked_tasks_are_scored_untrained_along_training_and_at_the_end(tiny_config, tiny_task):
+    """track= scores each task before the first step (the method applied, untrained), every k steps and at
+    the end; the first and last points equal evaluations made here of the untrained and the trained model."""
+    other = mp.make_task("copy", seed=0, n_train=64, n_val=32, n_test=0)
+    track = {"rotate": tiny_task, "copy": other}
+    args = {**ARGS, "steps": 5}
+    r = P.run({"method": "full"}, _builder(tiny_config), tiny_task, seed=1, lr=3e-3, keep_tensors=True,
+              track=track, track_every=2, track_examples=32, **args)
+    assert r.track["step"] == [0, 2, 4, 5]
+    torch.manual_seed(1)
+    untrained = mp.GPT(tiny_config)
+    trained = r.restore(_builder(tiny_config))
+    for name, t in track.items():
+        assert r.track[name][0] == mp.evaluate(untrained, t, "val", max_examples=32)
+        assert r.track[name][-1] == mp.evaluate(trained, t, "val", max_examples=32)
+    plain = P.run({"method": "full"}, _builder(tiny_config), tiny_task, seed=1, lr=3e-3, **args)
+    assert plain.history.loss == r.history.loss and plain.track is None   # scoring changes no training step
