@@ -152,7 +152,7 @@ def _change(page, kind, control):
 
 
 def _redrawn(page, before: list[str], what: str):
-    """Wait until the open tab's picture changed and held still for two polls 1 s apart."""
+    """Wait until the open tab's picture changed and held still for two polls 0.5 s apart."""
     seen = []
 
     def settled():
@@ -160,7 +160,7 @@ def _redrawn(page, before: list[str], what: str):
         seen.append(now)
         return len(seen) > 1 and seen[-1] == seen[-2] and now and now != before
 
-    _wait(page, settled, UPDATE_TIMEOUT_S, f"the figure to redraw after {what}", poll_s=1.0)
+    _wait(page, settled, UPDATE_TIMEOUT_S, f"the figure to redraw after {what}", poll_s=0.5)
 
 
 def test_dashboard_in_voila(browser, voila, artifacts):

@@ -71,12 +71,11 @@ JS_CELLS = """() => {
       index: i,
       errors: o.filter(x => x.output_type === 'error').map(x => x.ename + ': ' + x.evalue),
       widget_views: o.filter(x => x.data && x.data['application/vnd.jupyter.widget-view+json']).length,
-      // a widget view shown as its text/plain fallback: the widget front end is missing or broken
+      // a widget view shown as its text/plain or image/png fallback: the widget front end is missing or broken
       // (a closed widget, such as a finished tqdm bar, legitimately shows nothing at all)
-      fallback: Array.from(node.querySelectorAll('.jp-Cell-outputArea .jp-OutputArea-output[data-mime-type="text/plain"]'))
-        .map(x => x.innerText.trim())
-        .filter(t => o.some(x => x.data && x.data['application/vnd.jupyter.widget-view+json']
-                                 && [].concat(x.data['text/plain'] || []).join('').trim() === t)).length,
+      fallback: Array.from(node.querySelectorAll('.jp-Cell-outputArea > .jp-OutputArea-child > .jp-OutputArea-output'))
+        .filter((x, k) => o[k] && o[k].data && o[k].data['application/vnd.jupyter.widget-view+json']
+                          && ['text/plain', 'image/png'].includes(x.dataset.mimeType)).length,
       sliders: q('.widget-slider .noUi-handle'),
       dropdowns: q('.widget-dropdown select'),
       toggles: q('.widget-toggle-buttons button'),
