@@ -124,8 +124,8 @@ class CompareConfig:
 
 FAILED_RULE = ("a run failed when its training loss became non-finite, or its test exact match is below half "
                "the median of the setting's seeds")
-STABLE_RULE = ("stable: no failed run, and the sample std of test exact match across seeds <= 0.05 and <= 10 % "
-               "of the mean; otherwise unstable")
+STABLE_RULE = ("stable: no failed run, a mean test exact match above 0 (a method that learned nothing is not "
+               "'stable'), and the sample std across seeds <= 0.05 and <= 10 % of the mean; otherwise unstable")
 
 
 @dataclass
@@ -171,7 +171,7 @@ class MethodResult:
     @property
     def stable(self) -> bool:
         """:data:`STABLE_RULE`."""
-        return self.failed == 0 and self.std <= 0.05 and self.std <= 0.1 * self.mean
+        return self.failed == 0 and self.mean > 0 and self.std <= 0.05 and self.std <= 0.1 * self.mean
 
     @property
     def percent(self) -> float:

@@ -66,6 +66,7 @@ def _result(key, tests, losses=None, trainable=10, total=100, memory=1000, pretr
     ([0.80, 0.80, 0.80], [0.1, math.nan, 0.1], 1, False),
     ([0.80, 0.70, 0.90], None, 0, False),              # std 0.1 > 0.05
     ([0.011, 0.008, 0.014], None, 0, False),           # std 0.003 <= 0.05 but > 10 % of the mean 0.011
+    ([0.0, 0.0, 0.0], None, 0, False),                 # nothing learned: no failed run, but not "stable"
 ])
 def test_failed_runs_and_stability(tests, losses, failed, stable):
     r = _result("lora_qv", tests, losses)
