@@ -3,20 +3,16 @@
     adapter(h) = h + W_up f(W_down h + b_down) + b_up,    W_down in R^{b x d}, W_up in R^{d x b}, b << d
 
 ``W_up`` and ``b_up`` start at zero, so every adapter starts as the identity and the adapted model
-starts exactly as the base. Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP",
-arXiv 1902.00751: an adapter after attention and one after the feed-forward block of every layer
-(``placement="houlsby"``). Pfeiffer et al. 2021, "AdapterFusion", arXiv 2005.00247: after the
-feed-forward block only (``"pfeiffer"``; we keep its position and drop its extra LayerNorm details).
+exactly as the base. Houlsby et al. 2019 (arXiv 1902.00751) put one after attention and one after the
+feed-forward block of every layer (``placement="houlsby"``); Pfeiffer et al. 2021 (AdapterFusion, arXiv
+2005.00247) after the feed-forward block only (``"pfeiffer"``, without its extra LayerNorm details).
 The nonlinearity follows AdapterHub's configs: swish for houlsby, relu for pfeiffer.
 
-Module surgery, without editing the model: the output projection of each adapted sublayer
-(``attn.o_proj``, ``mlp.fc_out``) is replaced by an :class:`AdaptedLinear`, which holds the very same
-weight and bias tensors, under the same names, and runs its adapters on its output. So the base's
-``state_dict`` keys do not change, and "after attention" is exactly "after ``o_proj``".
-
-Several named adapters (one per task) can live in one model, chosen with ``mp.set_adapter`` and friends
-(:mod:`minipeft.methods`); :func:`compose_adapters` runs several at once, either stacked (``a2(a1(h))``)
-or averaged (``h + mean_i delta_i(h)``, AdapterHub's Stack and Average blocks).
+The surgery: the output projection of each adapted sublayer (``attn.o_proj``, ``mlp.fc_out``) becomes an
+:class:`AdaptedLinear`, holding the very same weight and bias under the same names (the base's state
+dict keys do not change) and running its adapters on its output. Named adapters (one per task) are
+chosen with ``mp.set_adapter`` and friends; :func:`compose_adapters` runs several at once, stacked
+(``a2(a1(h))``) or averaged (``h + mean_i delta_i(h)``, AdapterHub's Stack and Average blocks).
 """
 from __future__ import annotations
 
@@ -114,13 +110,11 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 
-def add_adapters(model: GPT, bottleneck: int = 16, placement: str = "houlsby", name: str = "default",
-                 activation: str | None = None, seed: int = 0) -> GPT:
+def add_adapters(model: GPT, bottleneck: int = AdapterConfig.bottleneck, placement: str = AdapterConfig.placement,
+                 name: str = "default", activation: str | None = AdapterConfig.activation,
+                 seed: int = AdapterConfig.seed) -> GPT:
     """Freeze ``model`` and insert bottleneck adapters (Houlsby or Pfeiffer placement); returns the model.
-
-    Adding adapters under a new ``name`` keeps the earlier ones and makes the new one active (and the
-    only trainable one); run several at once with :func:`compose_adapters`.
-    """
+    A new ``name`` keeps the earlier adapters and makes the new one active (and the only trainable one)."""
     config = AdapterConfig(bottleneck, placement, activation, seed)  # validates the options
     module("model", model, GPT)
     adapter_name(name, _names(model))

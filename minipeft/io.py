@@ -137,9 +137,9 @@ def _path(directory):
 def save_adapter(model: GPT, directory, name: str | None = None, method: str | None = None) -> Path:
     """Write the trained part of ``model`` to ``directory`` (created if needed); returns its path.
 
-    ``method`` is found from the model (a model without a PEFT method is saved whole: full fine-tuning);
+    ``method`` is found from the model (without a PEFT method: the whole model, as full fine-tuning);
     ``name`` picks one of several named adapters (default: the only one, or the active one). Everything
-    is checked (the tensors finite, the two file names free to write) before anything is written.
+    is checked before anything is written, and a failure never leaves half an adapter behind.
     """
     module("model", model, GPT)
     _path(directory)
@@ -296,12 +296,10 @@ def _own_random_numbers(model):
 def load_adapter(base: GPT, directory, name: str | None = None, trainable: bool = False) -> GPT:
     """Apply the adapter saved in ``directory`` to ``base`` (in place; returns it), after validating it.
 
-    By default the adapter is loaded **for inference: frozen** (``requires_grad=False``, eval mode).
-    Pass ``trainable=True`` to resume training it: users of other libraries trip over this, as PEFT
-    also loads adapters frozen unless ``is_trainable=True``. ``name`` renames a named adapter (LoRA,
-    prefix, bottleneck adapter) so that several files saved as "default" can live in one base; the
-    loaded one becomes the active one. Every error (wrong base, corrupted file, missing or unexpected
-    tensors, wrong shapes or dtypes) is raised before ``base`` is changed.
+    Loaded **for inference: frozen** and in eval mode, as PEFT does unless ``is_trainable=True``: pass
+    ``trainable=True`` to resume training. ``name`` renames a named adapter (several files saved as
+    "default" can live in one base); the loaded one becomes the active one. Every error is raised
+    before ``base`` is changed.
     """
     module("base", base, GPT)
     boolean("trainable", trainable)

@@ -117,14 +117,6 @@ class SavedTensors:
         return sum(self.storages.values())
 
 
-def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0, device=None):
-    """Random token ids and targets ``(B, T)``: memory depends on shapes, not on the text."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)
-    y = torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)
-    return x.to(device), y.to(device)
-
-
 def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, batch=None, loss=None,
                    seed: int = 0) -> MemoryBreakdown:
     """Run one AdamW training step of ``model`` and count its memory by kind (a :class:`MemoryBreakdown`).
@@ -140,7 +132,9 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
     if not params:
         raise ValueError("the model has no trainable parameters (apply a method or full_finetune first)")
     device = model_device(model)
-    x, y = batch if batch is not None else random_batch(model.config.vocab_size, batch_size, seq_len, seed, device)
+    g = torch.Generator().manual_seed(seed)  # random tokens and targets: memory depends on shapes, not text
+    x, y = batch if batch is not None else [torch.randint(1, model.config.vocab_size, (batch_size, seq_len),
+                                                          generator=g).to(device) for _ in range(2)]
     before = [p.detach().to("cpu", copy=True) for p in params]  # restored after the step
     modes = [(m, m.training) for m in model.modules()]  # every module's train/eval mode, restored after
     cuda = device.type == "cuda"

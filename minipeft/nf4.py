@@ -82,6 +82,7 @@ def dynamic_map() -> torch.Tensor:
 
 CODEBOOKS = {"nf4": normal_map(), "fp4": fp4_map(), "int4": int4_map()}
 DYNAMIC = dynamic_map()
+BLOCKSIZE = 64      # values per absmax constant (bitsandbytes' and QLoRA's default)
 DQ_BLOCKSIZE = 256  # blocks of absmax constants under double quantisation, as in QLoRA
 
 
@@ -142,18 +143,6 @@ def check_settings(blocksize, double_quant, quant_type) -> None:
         raise ValueError(f"quant_type must be one of {sorted(CODEBOOKS)}, got {quant_type!r}")
 
 
-def checksum(t: torch.Tensor) -> int:
-    """A cheap checksum of a tensor's bytes: their sum taken as int32 words (zero-padded to whole words).
-
-    Summing 4 bytes at a time is ~5x faster than summing bytes; it catches any single changed byte and
-    a state paired with another tensor's codes (the order of the words is not covered).
-    """
-    b = t.detach().contiguous().reshape(-1).view(torch.uint8)
-    if b.numel() % 4 or b.storage_offset() % 4:
-        b = torch.cat([b, b.new_zeros(-b.numel() % 4)])               # a fresh, aligned copy
-    return int(b.view(torch.int32).sum(dtype=torch.int64))
-
-
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
     """8-bit blockwise absmax quantisation with :func:`dynamic_map`: ``(codes uint8 (n,), absmax (n_blocks,))``."""
     blocks, absmax = _blocks(x, blocksize)
@@ -212,7 +201,7 @@ class QuantState:
                        for k in ("absmax", "offset", "absmax2")})
 
 
-def quantize(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False, quant_type: str = "nf4"):
+def quantize(x: torch.Tensor, blocksize: int = BLOCKSIZE, double_quant: bool = False, quant_type: str = "nf4"):
     """Blockwise absmax 4-bit quantisation: ``(packed uint8 (ceil(n/2),), QuantState)``.
 
     Worked example (one block of 4): x = [1.0, -2.0, 0.0, 0.4] has absmax 2; scaled: [0.5, -1, 0, 0.2];
@@ -243,6 +232,53 @@ def quantize(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False, q
         state.absmax, state.absmax2 = quantize_blockwise_8bit(absmax - state.offset)
     state.record = state.describe(packed)
     return packed, state
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of ``packed`` as int64, two per byte, high nibble first: ``(2 * n_bytes,)``."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1).long()
+
+
+def dequantize(packed: torch.Tensor, state: QuantState, check: bool = True) -> torch.Tensor:
+    """Undo :func:`quantize`: level[code] · absmax, in the original shape and dtype.
+
+    The fields are always checked against each other (:func:`check_state`). ``check=False`` skips the
+    checks that read the data (finite absmax, the recorded checksums: a pass over the bytes and a
+    device sync); the 4-bit layer, which keeps its codes and state together, uses it.
+    """
+    check_state(packed, state, values=check)
+    # one look-up per byte gives both of its levels: pairs[b] = (level[b >> 4], level[b & 15]), each
+    # pair stored as one 64-bit word so that the look-up is a fast 1-D index_select
+    code = CODEBOOKS[state.quant_type].to(packed.device)
+    pairs = code[unpack(torch.arange(256, dtype=torch.uint8, device=packed.device))]  # (512,) = 256 pairs
+    values = pairs.view(torch.int64).index_select(0, packed.reshape(-1).int()).view(torch.float32)
+    if values.numel() % state.blocksize:
+        values = F.pad(values, (0, -values.numel() % state.blocksize)) # whole blocks
+    absmax = state.block_absmax()
+    values = values.view(-1, state.blocksize)[: absmax.numel()].mul_(absmax[:, None])  # (n_blocks, blocksize)
+    return values.reshape(-1)[: state.numel].view(state.shape).to(state.dtype)
+
+
+def storage_bits(packed: torch.Tensor, state: QuantState) -> float:
+    """Bits per parameter, measured from the bytes actually stored: packed codes + per-block constants."""
+    nbytes = packed.numel() * packed.element_size()
+    nbytes += sum(t.numel() * t.element_size() for t in state.tensors().values())
+    return 8 * nbytes / state.numel
+
+
+# --- the checks: a state that does not describe its bytes is refused ------------------------------------
+
+
+def checksum(t: torch.Tensor) -> int:
+    """A cheap checksum of a tensor's bytes: their sum taken as int32 words (zero-padded to whole words).
+
+    Summing 4 bytes at a time is ~5x faster than summing bytes; it catches any single changed byte and
+    a state paired with another tensor's codes (the order of the words is not covered).
+    """
+    b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if b.numel() % 4 or b.storage_offset() % 4:
+        b = torch.cat([b, b.new_zeros(-b.numel() % 4)])               # a fresh, aligned copy
+    return int(b.view(torch.int32).sum(dtype=torch.int64))
 
 
 def check_state(packed: torch.Tensor, state: QuantState, values: bool = True) -> None:
@@ -314,35 +350,3 @@ def _check_field(name: str, t, dtype: torch.dtype, numel: int, what: str) -> Non
         raise ValueError(f"{name} must be a {dtype} tensor ({what}), got {getattr(t, 'dtype', type(t).__name__)}")
     if t.numel() != numel:
         raise ValueError(f"{name} must hold {numel} values ({what}), got {t.numel()}")
-
-
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The 4-bit codes of ``packed`` as int64, two per byte, high nibble first: ``(2 * n_bytes,)``."""
-    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1).long()
-
-
-def dequantize(packed: torch.Tensor, state: QuantState, check: bool = True) -> torch.Tensor:
-    """Undo :func:`quantize`: level[code] · absmax, in the original shape and dtype.
-
-    The fields are always checked against each other (:func:`check_state`). ``check=False`` skips the
-    checks that read the data (finite absmax, the recorded checksums: a pass over the bytes and a
-    device sync); the 4-bit layer, which keeps its codes and state together, uses it.
-    """
-    check_state(packed, state, values=check)
-    # one look-up per byte gives both of its levels: pairs[b] = (level[b >> 4], level[b & 15]), each
-    # pair stored as one 64-bit word so that the look-up is a fast 1-D index_select
-    code = CODEBOOKS[state.quant_type].to(packed.device)
-    pairs = code[unpack(torch.arange(256, dtype=torch.uint8, device=packed.device))]  # (512,) = 256 pairs
-    values = pairs.view(torch.int64).index_select(0, packed.reshape(-1).int()).view(torch.float32)
-    if values.numel() % state.blocksize:
-        values = F.pad(values, (0, -values.numel() % state.blocksize)) # whole blocks
-    absmax = state.block_absmax()
-    values = values.view(-1, state.blocksize)[: absmax.numel()].mul_(absmax[:, None])  # (n_blocks, blocksize)
-    return values.reshape(-1)[: state.numel].view(state.shape).to(state.dtype)
-
-
-def storage_bits(packed: torch.Tensor, state: QuantState) -> float:
-    """Bits per parameter, measured from the bytes actually stored: packed codes + per-block constants."""
-    nbytes = packed.numel() * packed.element_size()
-    nbytes += sum(t.numel() * t.element_size() for t in state.tensors().values())
-    return 8 * nbytes / state.numel

@@ -142,8 +142,8 @@ class PrefixTuning(nn.Module):
         return f"active={self.active!r}" + ("" if self.rows is None else f", rows={self.rows}")
 
 
-def add_prefix_tuning(model: GPT, n_prefix: int = 10, reparam: bool = True, name: str = "default",
-                      **options) -> GPT:
+def add_prefix_tuning(model: GPT, n_prefix: int = PrefixTuningConfig.n_prefix,
+                      reparam: bool = PrefixTuningConfig.reparam, name: str = "default", **options) -> GPT:
     """Freeze ``model`` and add trainable key/value prefixes to every layer; returns the model.
     ``options``: the other fields of :class:`PrefixTuningConfig`. A new ``name`` keeps the earlier
     prefixes and makes the new one active (and the only trainable one)."""

@@ -129,8 +129,8 @@ def initial_prompt(model: GPT, config: PromptTuningConfig) -> torch.Tensor:
     return W[ids.to(W.device)].clone()
 
 
-def add_prompt_tuning(model: GPT, n_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
-                      seed: int = 0) -> GPT:
+def add_prompt_tuning(model: GPT, n_tokens: int = PromptTuningConfig.n_tokens, init: str = PromptTuningConfig.init,
+                      init_text: str | None = PromptTuningConfig.init_text, seed: int = PromptTuningConfig.seed) -> GPT:
     """Freeze ``model`` and give it a trainable soft prompt of ``n_tokens`` vectors (see
     :class:`PromptTuningConfig`); returns the model."""
     config = PromptTuningConfig(n_tokens, init, init_text, seed)  # validates the options

@@ -10,11 +10,10 @@ No full-precision copy of ``W`` is kept, not even for backward: the gradient wit
 :func:`quantize_nf4` swaps a model's linear layers for these; ``mp.add_lora`` then wraps them unchanged,
 and only the adapters train: that is QLoRA (Dettmers et al. 2023, arXiv 2305.14314).
 
-Merging an adapter into a 4-bit layer means dequantise, add ``dW``, requantise: the merged weight is
-rounded to 4 bits again, so the layer refuses unless asked (``merge_lora(model, requantize=True)``).
-Unmerging subtracts ``dW`` and requantises once more: the original codes do not come back exactly
-(reload the base for that). The usual alternatives: keep the adapter unmerged, or merge into a 16-bit
-copy of the dequantised base (:func:`dequantize_nf4`, then ``merge_lora``).
+Merging an adapter into a 4-bit layer means dequantise, add ``dW``, requantise: rounded to 4 bits again,
+so the layer refuses unless asked (``merge_lora(model, requantize=True)``), and unmerging does not bring
+the original codes back. The usual alternatives: keep the adapter unmerged, or merge into a 16-bit copy
+of the dequantised base (:func:`dequantize_nf4`, then ``merge_lora``).
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ from .full import freeze
 
 @dataclass
 class NF4Config:
-    blocksize: int = 64
+    blocksize: int = nf4.BLOCKSIZE
     double_quant: bool = True                 # store the absmax constants in 8 bits too (QLoRA's default)
     quant_type: str = "nf4"                   # or "fp4", "int4", for comparison
     compute_dtype: torch.dtype | None = None  # None: bf16 on CUDA, fp32 elsewhere

@@ -4,6 +4,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..nf4 import BLOCKSIZE
+
 
 def plot_normal_bins(offset: float | None = None, ax=None):
     """The N(0, 1) density cut at the 16 NF4 levels (in standard deviations): neighbouring levels enclose
@@ -43,7 +45,7 @@ def plot_codebooks(codebooks: dict | None = None, ax=None):
     return fig
 
 
-def nf4_numbers(weight, block: int = 0, blocksize: int = 64, quant_type: str = "nf4",
+def nf4_numbers(weight, block: int = 0, blocksize: int = BLOCKSIZE, quant_type: str = "nf4",
                 double_quant: bool = False) -> dict:
     """What the NF4 bins widget shows: quantise the whole ``weight``, then look at block ``block``.
 
@@ -76,7 +78,7 @@ def nf4_numbers(weight, block: int = 0, blocksize: int = 64, quant_type: str = "
                         / state.block_absmax().clamp(min=1e-30)[:, None]).reshape(-1)[: flat.numel()].numpy())
 
 
-def plot_nf4_bins(weight, block: int = 0, blocksize: int = 64, quant_type: str = "nf4",
+def plot_nf4_bins(weight, block: int = 0, blocksize: int = BLOCKSIZE, quant_type: str = "nf4",
                   double_quant: bool = False, layer: str = ""):
     """The NF4 bins widget's picture: one block's histogram with the levels (solid) and bin edges
     (dashed), and every value of the layer divided by its block's absmax, with the same levels."""
