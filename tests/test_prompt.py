@@ -132,7 +132,8 @@ def test_sweep_numbers_and_plot_over_the_range(selected):
     i = x.index(selected)
     assert num["index"] == i and num["n_seeds"] == 2
     assert num["selected_mean"] == pytest.approx((values[0][i] + values[1][i]) / 2)
-    assert num["selected_std"] == pytest.approx(abs(values[0][i] - values[1][i]) / 2)  # population std of two
+    # the sample std of two values a, b is |a - b| / sqrt(2)
+    assert num["selected_std"] == pytest.approx(abs(values[0][i] - values[1][i]) / 2 ** 0.5)
     histories = {v: [mp.History(loss=[2.0, 1.0, 0.5])] * 2 for v in x}
     fig = plots.plot_sweep_selection(x, values, selected, histories, xlabel="n_tokens")
     assert len(fig.axes) == 2 and f"n_tokens={selected}" in fig.axes[0].get_title()

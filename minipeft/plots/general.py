@@ -55,11 +55,13 @@ def plot_sweep(x, results: dict, xlabel: str, ylabel: str = "exact match", logx:
 
 
 def sweep_numbers(x, values, selected) -> dict:
-    """Mean and std over seeds of ``values`` (n_seeds, len(x)) at each x, and at the ``selected`` x."""
+    """Mean and sample std (ddof 1, as everywhere in the course) over seeds of ``values`` (n_seeds, len(x))
+    at each x, and at the ``selected`` x; the std is 0 for one seed."""
     v = np.asarray(values, dtype=float).reshape(-1, len(x))
     i = list(x).index(selected)
-    return dict(mean=v.mean(0), std=v.std(0), index=i, selected_mean=float(v[:, i].mean()),
-                selected_std=float(v[:, i].std()), n_seeds=v.shape[0])
+    ddof = 1 if v.shape[0] > 1 else 0
+    return dict(mean=v.mean(0), std=v.std(0, ddof=ddof), index=i, selected_mean=float(v[:, i].mean()),
+                selected_std=float(v[:, i].std(ddof=ddof)), n_seeds=v.shape[0])
 
 
 def plot_sweep_selection(x, values, selected, histories=None, xlabel: str = "", ylabel: str = "exact match",
