@@ -61,3 +61,21 @@ def test_the_measured_pattern_catches_a_training_cell():
     assert MEASURED.search("r = mp.run(spec, build, task, seed=0, lr=1e-2, steps=300)")
     assert MEASURED.search("search = mp.lr_search(spec, build, task, grid=grid, steps=300)")
     assert not MEASURED.search("mp.print_trainable_parameters(model)")  # counts are exact
+
+
+# the numbered chapters (09, the comparison, ends with "Try it" instead)
+CHAPTERS = [p for p in NOTEBOOKS if p.name[:2].isdigit() and not p.name.startswith("09")]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_ends_with_exercises_and_hidden_solutions(path):
+    """3-5 exercises; each closed one has a hidden solution cell (tagged "solution") that CI runs."""
+    nb = json.loads(path.read_text())
+    titles = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
+    assert any(re.search(r"^#+ Exercises", t, re.M) for t in titles), "no 'Exercises' section"
+    solutions = [c for c in nb["cells"] if c["cell_type"] == "code"
+                 and "".join(c["source"]).lstrip().startswith("# Solution")]
+    assert 3 <= len(solutions) <= 5, f"{len(solutions)} solution cells"
+    for c in solutions:
+        assert c["metadata"].get("jupyter", {}).get("source_hidden") and "solution" in c["metadata"].get("tags", []), \
+            "a solution cell is not hidden and tagged 'solution'"
