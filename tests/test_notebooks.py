@@ -63,8 +63,7 @@ def test_the_measured_pattern_catches_a_training_cell():
     assert not MEASURED.search("mp.print_trainable_parameters(model)")  # counts are exact
 
 
-# the numbered chapters (09, the comparison, ends with "Try it" instead)
-CHAPTERS = [p for p in NOTEBOOKS if p.name[:2].isdigit() and not p.name.startswith("09")]
+CHAPTERS = [p for p in NOTEBOOKS if p.name[:2].isdigit()]  # the numbered chapters
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
