@@ -151,6 +151,16 @@ SPECS = {
                                             st.none(), st.integers(), st.lists(st.integers(), min_size=1, max_size=2)),
                           dropout=bad_float(strict=False, high=1.0), rslora=BAD_BOOL, name=BAD_NAME),
                      words=dict(MODEL_WORDS, r="rank", targets="target")),
+    "add_ia3": Spec(mp.add_ia3, lambda m, f: dict(model=m, targets=("k_proj", "v_proj", "fc_out"), feedforward=("fc_out",)),
+                    dict(MODEL, targets=st.one_of(st.sampled_from(["", (), [], ("k_proj", "nowhere")]), st.none(),
+                                                  st.integers()),
+                         feedforward=st.one_of(st.sampled_from([("q_proj",), ("nowhere",)]), st.integers())),
+                    words=dict(MODEL_WORDS, targets="target", feedforward="feedforward|feed-forward|target")),
+    "add_dora": Spec(mp.add_dora, lambda m, f: dict(model=m, r=2, alpha=4.0, targets=("q_proj",)),
+                     dict(MODEL, r=st.one_of(bad_int(1), st.integers(min_value=33)), alpha=bad_float(),
+                          targets=st.one_of(st.sampled_from(["", (), [], ("q_proj", "nowhere")]), st.none(),
+                                            st.integers())),
+                     words=dict(MODEL_WORDS, r="rank", targets="target")),
     "add_prompt_tuning": Spec(mp.add_prompt_tuning, lambda m, f: dict(model=m, n_tokens=3, init="vocab",
                                                                        init_text=None, seed=0),
                               dict(GPT, n_tokens=st.one_of(bad_int(1), st.integers(min_value=48)),
@@ -290,7 +300,7 @@ def test_bad_argument_is_refused_naming_it_and_changes_nothing(function, data):
 
 
 def test_every_public_function_has_an_entry():
-    public = {"add_lora", "add_prompt_tuning", "add_prefix_tuning", "add_adapters", "compose_adapters",
+    public = {"add_lora", "add_ia3", "add_dora", "add_prompt_tuning", "add_prefix_tuning", "add_adapters", "compose_adapters",
               "quantize_nf4", "merge_lora", "unmerge_lora", "set_adapter", "delete_adapter", "adapter_per_row",
               "train", "evaluate", "make_task", "save_adapter", "load_adapter", "nf4.quantize", "predict_memory",
               "measure_memory"}
