@@ -14,13 +14,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded: every model is buil
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import minipeft as mp  # noqa: E402
-from helpers import assert_close_and_sensitive, state, tolerance_ratio  # noqa: E402
+from helpers import REFERENCE_GRADS, REFERENCE_LOGITS, assert_close_and_sensitive, state, tolerance_ratio, loss_of  # noqa: E402
 
-LOGITS = dict(atol=1e-4, rtol=1e-5)
-GRADS = dict(atol=1e-6, rtol=1e-4)
+LOGITS, GRADS = REFERENCE_LOGITS, REFERENCE_GRADS  # tests/helpers.py: why these tolerances
 R, ALPHA = 4, 8
 
 
@@ -119,9 +117,6 @@ def our_parts(model, i, p):
 def batch():
     return mp.encode_batch(mp.make_task("rotate", seed=0).val[:16])
 
-
-def loss_of(logits, y):
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=mp.tasks.IGNORE)
 
 
 class WrongAxis(mp.dora.DoRAAdapter):

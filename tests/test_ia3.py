@@ -14,13 +14,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded: every model is buil
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import minipeft as mp  # noqa: E402
-from helpers import assert_close_and_sensitive, state  # noqa: E402
+from helpers import REFERENCE_GRADS, REFERENCE_LOGITS, assert_close_and_sensitive, state, loss_of  # noqa: E402
 
-LOGITS = dict(atol=1e-4, rtol=1e-5)
-GRADS = dict(atol=1e-6, rtol=1e-4)
+LOGITS, GRADS = REFERENCE_LOGITS, REFERENCE_GRADS  # tests/helpers.py: why these tolerances
 TARGETS, FEEDFORWARD = ["k_proj", "v_proj", "fc_out"], ["fc_out"]  # PEFT's Llama defaults, our names
 
 
@@ -88,9 +86,6 @@ def batch():
     x, y = mp.encode_batch(mp.make_task("rotate", seed=0).val[:16])
     return x, y
 
-
-def loss_of(logits, y):
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=mp.tasks.IGNORE)
 
 
 def test_matches_peft_on_our_gpt(capsys):
