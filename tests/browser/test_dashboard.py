@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, _free_port
-from test_lab import _wait
+from test_lab import JS_WATCH, JS_WATCHED_MIN, _wait
 
 DASHBOARD = ROOT / "notebooks" / "lecture_dashboard.ipynb"
 TABS = ["Low-rank updates", "NF4 bins", "Memory"]
@@ -58,16 +58,6 @@ JS_PAGE = """() => {
   };
 }"""
 
-# The fewest pictures the open page showed while redrawing (a flicker shows 0).
-JS_WATCH = """() => {
-  const node = document.querySelector('[data-minipeft-page]');
-  const count = () => node.querySelectorAll('img').length;
-  window.__minipeftMin = count();
-  if (window.__minipeftObserver) window.__minipeftObserver.disconnect();
-  window.__minipeftObserver = new MutationObserver(() => { window.__minipeftMin = Math.min(window.__minipeftMin, count()); });
-  window.__minipeftObserver.observe(node, {childList: true, subtree: true});
-}"""
-JS_WATCHED_MIN = "() => { window.__minipeftObserver.disconnect(); return window.__minipeftMin; }"
 JS_DISABLED = "() => Array.from(document.querySelectorAll('[data-minipeft-page] select:disabled, [data-minipeft-page] input:disabled')).length"
 
 
@@ -197,7 +187,7 @@ def test_dashboard_in_voila(browser, voila, artifacts):
             assert len(controls) == sum(s["controls"].values()) and controls, f"{title}: controls {s['controls']}"
             for kind, control in controls:
                 before, disabled = _digest(s["pictures"]), page.evaluate(JS_DISABLED)
-                page.evaluate(JS_WATCH)
+                page.evaluate(JS_WATCH, {"node": "[data-minipeft-page]", "pictures": "img"})
                 t1 = time.monotonic()
                 did, undo = _change(page, kind, control)
                 _redrawn(page, before, f"{title}: {did}")

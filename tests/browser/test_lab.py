@@ -99,10 +99,11 @@ JS_FIGURES = """(i) => {
   return {figures: imgs.concat(svgs, canvases), text};
 }"""
 
-# Watches a cell's output while the widget redraws: the fewest figures it ever showed (a flicker shows 0).
-JS_WATCH = """(i) => {
-  const node = document.querySelector(`[data-minipeft-cell="${i}"] .jp-Cell-outputArea`);
-  const count = () => node.querySelectorAll('img, .jp-RenderedSVG svg, canvas').length;
+# Watches a node (w.node, a CSS selector) while a widget redraws: the fewest pictures (w.pictures) it ever
+# showed (a flicker shows 0). Also used by test_dashboard.py.
+JS_WATCH = """(w) => {
+  const node = document.querySelector(w.node);
+  const count = () => node.querySelectorAll(w.pictures).length;
   window.__minipeftMin = count();
   if (window.__minipeftObserver) window.__minipeftObserver.disconnect();
   window.__minipeftObserver = new MutationObserver(() => { window.__minipeftMin = Math.min(window.__minipeftMin, count()); });
@@ -244,7 +245,8 @@ def test_notebook_in_jupyterlab(tab, lab, artifacts, name, widgets_required):
         assert before["figures"], f"{at} shows its controls but no figure until a control is moved"
         cell.screenshot(path=str(artifacts / f"{stem}-cell{i}-before.png"))
 
-        page.evaluate(JS_WATCH, i)
+        page.evaluate(JS_WATCH, {"node": f'[data-minipeft-cell="{i}"] .jp-Cell-outputArea',
+                                 "pictures": "img, .jp-RenderedSVG svg, canvas"})
         t1 = time.monotonic()
         did = change_control(page, cell)
 
