@@ -22,11 +22,16 @@ def _smoothed(loss, k: int):
     return np.arange(k, len(loss) + 1), np.convolve(loss, np.ones(k) / k, mode="valid")
 
 
-def plot_attention(weights, labels_q, labels_k=None, ax=None, title: str = "attention weights"):
-    """Heat map of one head's attention ``weights`` (T_query, T_key) with characters on the axes."""
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4.5, 4))
+def plot_attention(weights, labels_q, labels_k=None, ax=None, title: str = "attention weights",
+                   colorbar: bool | None = None):
+    """Heat map of one head's attention ``weights`` (T_query, T_key) with characters on the axes.
+    ``colorbar``: draw its colour bar (default: only on a figure of its own; on a caller's axes the caller
+    may want one bar shared by several maps, all drawn on the same 0..1 scale)."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 4))
     labels_k = labels_q if labels_k is None else labels_k
-    ax.imshow(np.asarray(weights), cmap="viridis", vmin=0, vmax=1)
+    image = ax.imshow(np.asarray(weights), cmap="viridis", vmin=0, vmax=1)
+    if colorbar or (colorbar is None and len(fig.axes) == 1):
+        fig.colorbar(image, ax=ax, label="attention weight")
     ax.set_xticks(range(len(labels_k)), labels_k, fontsize=8)
     ax.set_yticks(range(len(labels_q)), labels_q, fontsize=8)
     ax.set(xlabel="key (attended to)", ylabel="query (attending)", title=title)
@@ -42,7 +47,7 @@ def plot_sweep(x, results: dict, xlabel: str, ylabel: str = "exact match", logx:
     for i, (label, values) in enumerate(results.items()):
         xs, values = (x, values) if x is not None else values
         v = np.asarray(values, dtype=float).reshape(-1, len(xs))
-        mean, std = v.mean(0), v.std(0)
+        mean, std = v.mean(0), v.std(0, ddof=1 if len(v) > 1 else 0)  # sample std over seeds
         ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label, color=f"C{i}")
         if best:
             b = int(np.argmax(mean) if best == "max" else np.argmin(mean))
