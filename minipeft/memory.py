@@ -27,7 +27,8 @@ import torch.nn as nn
 from .common import integer, module, positive_int
 from .train import loss_fn, model_device
 
-GB = 1024 ** 3
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+GiB = 2 ** 30  # the course's unit: binary gibibytes (a "24 GB" GPU holds 24 GiB, see minipeft.plots.memory)
 
 
 @dataclass
@@ -36,9 +37,10 @@ class MemoryBreakdown:
     weights: dict[str, int] = field(default_factory=dict)
     gradients: int = 0
     optimizer: int = 0      # AdamW's exp_avg and exp_avg_sq (the one-number 'step' counters are left out)
-    activations: int = 0    # saved for backward, shared storages counted once
+    activations: int = 0    # saved for backward, shared storages counted once (+ ``recomputed``)
     trainable: int = 0      # trainable parameter count
     cuda_peak: int | None = None  # torch.cuda.max_memory_allocated during the step (CUDA only)
+    recomputed: int = 0     # gradient checkpointing: the largest block's saved tensors, recomputed in backward
 
     @property
     def weight_bytes(self) -> int:
@@ -60,7 +62,7 @@ class MemoryBreakdown:
 
 
 def _fmt(n: float) -> str:
-    for unit, size in (("GB", GB), ("MB", 1024 ** 2), ("kB", 1024)):
+    for unit, size in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
@@ -118,14 +120,20 @@ class SavedTensors:
 
 
 def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, batch=None, loss=None,
-                   seed: int = 0) -> MemoryBreakdown:
+                   seed: int = 0, optimizer: str = "adamw") -> MemoryBreakdown:
     """Run one AdamW training step of ``model`` and count its memory by kind (a :class:`MemoryBreakdown`).
 
     ``seq_len``: text tokens (prompt tuning adds its own). ``batch=(x, y)`` replaces the random tokens,
-    ``loss(model, x, y)`` the course's cross-entropy (any network can be measured). The model is left as
-    it was: weights restored, gradients cleared, every module's train/eval mode back.
+    ``loss(model, x, y)`` the course's cross-entropy (any network can be measured). ``optimizer``: "adamw"
+    (PyTorch's) or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (paged: CUDA only); its state is counted
+    by storage, shared tensors once. With ``model.gradient_checkpointing`` the hooks see what is held
+    between forward and backward (each block's input, kept by the checkpoint); each block's recomputed
+    inside is counted by running the block again on its input, and the largest is added as ``recomputed``.
+    The model is left as it was: weights restored, gradients cleared, every module's train/eval mode back.
     """
     module("model", model)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     batch_size, seq_len, seed = positive_int("batch_size", batch_size), positive_int("seq_len", seq_len), \
         integer("seed", seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -141,16 +149,31 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), foreach=False)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), foreach=False)
+    else:
+        import bitsandbytes as bnb
+        opt = (bnb.optim.PagedAdamW8bit if optimizer.startswith("paged") else bnb.optim.AdamW8bit)(
+            params, lr=1e-3, betas=(0.9, 0.95))
+    frozen = list(model.parameters()) + list(model.buffers())
+    blocks = list(getattr(model, "blocks", [])) if getattr(model, "gradient_checkpointing", False) else []
+    inputs = []  # (block, its input) of each checkpointed block in the forward pass
     model.train()
     try:
-        with SavedTensors(exclude=list(model.parameters()) + list(model.buffers())) as saved:
+        hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0]))) for b in blocks]
+        with SavedTensors(exclude=frozen) as saved:
             value = (loss or loss_fn)(model, x, y)
+        for h in hooks:
+            h.remove()
         value.backward()
         grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        recomputed = 0
+        for block, inp in inputs:  # what the recomputation in backward saves: the block run again
+            with SavedTensors(exclude=frozen) as inside:
+                block(inp)
+            recomputed = max(recomputed, inside.nbytes)
         opt.step()
-        state = sum(t.numel() * t.element_size() for s in opt.state.values()
-                    for k, t in s.items() if k != "step" and torch.is_tensor(t))
+        state = {_storage(t) for s in opt.state.values() for k, t in s.items() if k != "step" and torch.is_tensor(t)}
         peak = torch.cuda.max_memory_allocated(device) if cuda else None
     finally:
         with torch.no_grad():
@@ -159,5 +182,5 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
                 p.grad = None
         for m, training in modes:
             m.train(training)
-    return MemoryBreakdown(weight_bytes(model), grads, state, saved.nbytes,
-                           sum(p.numel() for p in params), peak)
+    return MemoryBreakdown(weight_bytes(model), grads, sum(n for _, n in state), saved.nbytes + recomputed,
+                           sum(p.numel() for p in params), peak, recomputed)

@@ -5,6 +5,7 @@ The same four parts as :func:`minipeft.measure_memory`, from arithmetic alone::
     weights     = sum over tensors of numel * bytes   (NF4: 0.5 byte per weight + one fp32 absmax per 64)
     gradients   = trainable * 4                        (bf16 full fine-tuning: * 2)
     optimizer   = trainable * 8                        AdamW's m and v in fp32 (bf16 full: + 4 for the fp32 master copy)
+                  trainable * 2 + absmax               8-bit AdamW (bitsandbytes; Dettmers et al. 2022, arXiv 2110.02861)
     activations = sum over layers of what autograd keeps for backward (below)
 
 Activations, per block, in elements (B batch, T tokens, C = d_model, F = d_ff, h heads, Tk = T + prefix),
@@ -26,6 +27,12 @@ keep what their *input* gradient needs (LayerNorm inputs, softmax, GELU input, q
 walks one block in the order of the forward pass with a flag "does this tensor need a gradient?"
 (:func:`block_activations`), exactly as autograd decides. Prompt tuning lengthens T by its virtual
 tokens and needs the gradient all the way down; prefix tuning lengthens the keys and values to Tk.
+
+Gradient checkpointing (Chen et al. 2016, arXiv 1604.06174) keeps only each block's input (B T C) between
+forward and backward, and recomputes one block's inside at a time in backward. The formula counts
+``activations = what is held after the forward pass + the largest block's inside`` (the field
+``recomputed``): an upper bound on the saved tensors alive at once, since the head's and the loss's are
+freed before the first block is recomputed. :func:`minipeft.measure_memory` counts the same two terms.
 
 The presets of :mod:`minipeft.presets` give the published shapes of real models, so the formula
 answers "what would LoRA cost on a 7B model?". For them it assumes fused norms and, by default,
@@ -49,6 +56,8 @@ DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 BASE_DTYPES = ("fp32", "bf16", "nf4")
 METHODS = (*REGISTRY, "qlora")  # QLoRA: LoRA's options on a 4-bit base
 NF4_BLOCK = NF4Config.blocksize  # weights per absmax constant
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # bitsandbytes 0.50, optim/optimizer.py: Optimizer2State.init_state
 
 
 @dataclass(frozen=True)
@@ -62,9 +71,14 @@ class Plan:
     adapters: tuple = ()        # where bottleneck adapters sit: ("attn", "mlp") houlsby, ("mlp",) pfeiffer
     bottleneck: int = 0
     relu: bool = False          # the adapter's nonlinearity keeps its output (ReLU) rather than its input
-    added: int = 0              # trainable parameters the method adds (0 for full fine-tuning)
+    tensors: tuple = ()         # sizes of the trainable tensors the method adds (for 8-bit optimizer state)
     ia3: tuple = ()             # IA3: ((linear name, scales its input?), ...) in every block
     dora: bool = False          # DoRA: the LoRA layers also learn a magnitude per output feature
+
+    @property
+    def added(self) -> int:
+        """Trainable parameters the method adds (0 for full fine-tuning)."""
+        return sum(self.tensors)
 
     @property
     def trained(self) -> set[str]:
@@ -91,7 +105,7 @@ def method_plan(shape: ModelShape, method: str, **options) -> Plan:
     if method == "full":
         return Plan(full=True)
     if method == "prompt":
-        return Plan(n_virtual=o["n_tokens"], added=o["n_tokens"] * C)
+        return Plan(n_virtual=o["n_tokens"], tensors=(o["n_tokens"] * C,))
     if method in ("lora", "qlora", "dora"):
         layers = shape.linears()
         targets = (o["targets"],) if isinstance(o["targets"], str) else tuple(o["targets"])
@@ -99,23 +113,24 @@ def method_plan(shape: ModelShape, method: str, **options) -> Plan:
         bad = [n for n in names if n not in layers]
         if bad:
             raise ValueError(f"LoRA targets {bad} are not linear layers of {shape.name}: {list(layers)}")
-        lora = tuple((n, o["r"]) for n in names)
-        magnitude = L * sum(layers[n][1] for n in names) if method == "dora" else 0  # DoRA's m: out per layer
-        return Plan(lora=lora, dora=method == "dora", added=L * sum(r * sum(layers[n]) for n, r in lora) + magnitude)
+        lora = tuple((n, o["r"]) for n in names)   # A: r x in, B: out x r (DoRA's m: out) per layer
+        per_layer = [size for n, r in lora for size in (r * layers[n][0], layers[n][1] * r)
+                     + ((layers[n][1],) if method == "dora" else ())]
+        return Plan(lora=lora, dora=method == "dora", tensors=tuple(per_layer) * L)
     if method == "ia3":  # one vector per target layer: its input's size (feed-forward) or its output's
         layers = shape.linears()
         bad = [n for n in o["targets"] if n not in layers]
         if bad:
             raise ValueError(f"IA3 targets {bad} are not linear layers of {shape.name}: {list(layers)}")
         ia3 = tuple((n, n in o["feedforward"]) for n in o["targets"])
-        return Plan(ia3=ia3, added=L * sum(layers[n][0 if inp else 1] for n, inp in ia3))
+        return Plan(ia3=ia3, tensors=tuple(layers[n][0 if inp else 1] for n, inp in ia3) * L)
     if method == "prefix":  # per layer n keys and n values; or P = MLP(P'): n x e -> e x H -> H x (L 2 C)
         n, e, H = o["n_prefix"], o["reparam_dim"], o["reparam_hidden"]
-        added = n * e + e * H + H + (H + 1) * L * 2 * C if o["reparam"] else L * 2 * n * C
-        return Plan(n_prefix=n, reparam_hidden=H if o["reparam"] else 0, added=added)
+        tensors = (n * e, e * H, H, H * L * 2 * C, L * 2 * C) if o["reparam"] else (L * 2 * n * C,)
+        return Plan(n_prefix=n, reparam_hidden=H if o["reparam"] else 0, tensors=tensors)
     where = tuple(path.split(".")[0] for path in PLACEMENTS[o["placement"]])  # ("attn", "mlp") or ("mlp",)
     b = o["bottleneck"]   # each adapter: down C x b + b, up b x C + C
-    return Plan(adapters=where, bottleneck=b, relu=o["activation"] == "relu", added=L * len(where) * (2 * C * b + b + C))
+    return Plan(adapters=where, bottleneck=b, relu=o["activation"] == "relu", tensors=(C * b, b, b * C, C) * L * len(where))
 
 
 def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bool, act: int = 4,
@@ -204,15 +219,19 @@ def _shape(model) -> ModelShape:
     raise ValueError(f"model must be a GPTConfig, a ModelShape or a preset name {list(PRESETS)}, got {model!r}")
 
 
-def activation_bytes(shape: ModelShape, plan: Plan, B: int, T: int, act: int = 4, flash: bool = False) -> int:
-    """Bytes kept for backward by one step on ``B`` sequences of ``T`` text tokens (see the module docstring)."""
+def activation_bytes(shape: ModelShape, plan: Plan, B: int, T: int, act: int = 4, flash: bool = False,
+                     checkpointing: bool = False) -> tuple[int, int]:
+    """Bytes kept for backward by one step on ``B`` sequences of ``T`` text tokens (see the module docstring),
+    and of them, those recomputed in backward. Checkpointing keeps each block's input (B T C) instead of
+    its inside, and adds the largest block's inside, recomputed one block at a time."""
     C, V = shape.d_model, shape.vocab_size
     Tm = T + plan.n_virtual                      # positions the blocks see
     grad = plan.full or plan.n_virtual > 0       # does the first block's input need a gradient?
-    kept = 0
+    kept, recomputed = 0, 0
     for _ in range(shape.n_layer):
         block, grad = block_activations(shape, plan, B, Tm, grad, act, flash)
-        kept += block
+        kept += B * Tm * C * act if checkpointing else block
+        recomputed = max(recomputed, block if checkpointing else 0)
     stats = 2 if shape.norm == "layernorm" else 1
     kept += (B * Tm * C * act + stats * B * Tm * 4) if grad or plan.full else 0  # final norm
     kept += B * Tm * C * act if plan.full and not shape.tied_head else 0         # input of the trained head
@@ -222,12 +241,29 @@ def activation_bytes(shape: ModelShape, plan: Plan, B: int, T: int, act: int = 4
         kept += B * 8 + plan.n_prefix * plan.reparam_hidden * act
     if plan.full:                                # the embeddings keep their int64 indices
         kept += B * T * 8 + (T * 8 if shape.n_positions else 0)
-    return kept
+    return kept + recomputed, recomputed
+
+
+def optimizer_bytes(sizes, optimizer: str = "adamw", mixed: bool = False) -> int:
+    """AdamW's state for trainable tensors of ``sizes`` elements: m and v in fp32 (8 bytes per parameter;
+    mixed precision adds a 4-byte fp32 master copy). 8-bit AdamW (bitsandbytes, ``AdamW8bit``): m and v in
+    one byte each, plus one fp32 absmax per block of 256 values of each, for tensors of at least 4,096
+    elements (smaller ones stay fp32), plus the two 256-entry fp32 code books, shared by all tensors.
+    Paged 8-bit AdamW keeps the same bytes; it only lets them move to CPU memory on a spike."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    master = 4 * sum(sizes) if mixed else 0
+    if optimizer == "adamw":
+        return 8 * sum(sizes) + master
+    big = [n for n in sizes if n >= BNB_MIN_8BIT]
+    small = sum(sizes) - sum(big)
+    return master + 8 * small + sum(2 * n + 2 * 4 * -(-n // BNB_BLOCK) for n in big) + (2 * 256 * 4 if big else 0)
 
 
 def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_len: int = 32,
                    base_dtype: str = "fp32", compute_dtype: str | None = None, flash: bool | None = None,
-                   double_quant: bool = NF4Config.double_quant, **options) -> MemoryBreakdown:
+                   double_quant: bool = NF4Config.double_quant, optimizer: str = "adamw",
+                   checkpointing: bool = False, **options) -> MemoryBreakdown:
     """The formula's :class:`MemoryBreakdown` of one AdamW training step.
 
     ``model``: a GPTConfig, a :class:`ModelShape` or a name in ``PRESETS``. ``options`` are those of
@@ -237,6 +273,8 @@ def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_
     ``compute_dtype``: of the activations (default fp32 for an fp32 base, else bf16). ``flash``:
     FlashAttention-style attention (default: on for the real-model presets, off for our own model).
     ``double_quant``: NF4 absmax constants stored in 8 bits (QLoRA's default, as in ``mp.quantize_nf4``).
+    ``optimizer``: "adamw", "adamw8bit" or "paged_adamw8bit" (:func:`optimizer_bytes`). ``checkpointing``:
+    gradient checkpointing (``model.gradient_checkpointing = True``), see :func:`activation_bytes`.
     """
     shape = _shape(model)
     if method == "qlora":
@@ -250,9 +288,12 @@ def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_
     double_quant = boolean("double_quant", double_quant)
     if flash is not None:
         boolean("flash", flash)
+    checkpointing = boolean("checkpointing", checkpointing)
     plan = method_plan(shape, method, **options)
     if plan.full and base_dtype == "nf4":
         raise ValueError("full fine-tuning cannot train 4-bit weights: choose base_dtype 'fp32' or 'bf16'")
+    if checkpointing and plan.n_prefix:
+        raise ValueError("gradient checkpointing does not work with prefix tuning (its cache grows in place)")
     flash = (shape.name in PRESETS and shape.name != "toy") if flash is None else flash
     N = shape.n_params()
     weights = {}
@@ -277,6 +318,8 @@ def predict_memory(model="toy", method: str = "lora", batch_size: int = 32, seq_
     trainable = N if plan.full else plan.added
     mixed = plan.full and base_dtype == "bf16"
     gradients = trainable * (2 if mixed else 4)
-    optimizer = trainable * (12 if mixed else 8)
-    act = activation_bytes(shape, plan, batch_size, seq_len, DTYPE_BYTES[compute_dtype], flash)
-    return MemoryBreakdown({k: v for k, v in weights.items() if v}, gradients, optimizer, act, trainable)
+    state = optimizer_bytes(shape.tensors() if plan.full else plan.tensors, optimizer, mixed)
+    act, recomputed = activation_bytes(shape, plan, batch_size, seq_len, DTYPE_BYTES[compute_dtype], flash,
+                                       checkpointing)
+    return MemoryBreakdown({k: v for k, v in weights.items() if v}, gradients, state, act, trainable,
+                           recomputed=recomputed)

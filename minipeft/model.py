@@ -12,7 +12,9 @@ The PEFT methods build on two generic extension points, as real model libraries 
 ``inputs_embeds`` (vectors instead of token ids: prompt tuning prepends its soft prompt this way) and
 ``past_kv``, a :class:`KVCache` of keys and values of earlier positions that every query may attend to
 (prefix tuning pre-fills it; ``generate()`` decodes fast with it). ``position_ids`` says which learned
-position each input gets. Papers: Vaswani et al. 2017 (arXiv 1706.03762), Radford et al. 2019 (GPT-2).
+position each input gets. ``model.gradient_checkpointing = True`` keeps only each block's input for the
+backward pass and recomputes the block's inside there (``torch.utils.checkpoint``; Chen et al. 2016,
+arXiv 1604.06174): less memory, one more forward pass of the blocks. Papers: Vaswani et al. 2017 (arXiv 1706.03762), Radford et al. 2019 (GPT-2).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .common import positive_int
 
@@ -156,6 +159,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # True: recompute each block in backward (training only)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -188,8 +192,12 @@ class GPT(nn.Module):
             start = 0 if past_kv is None else past_kv.next_position
             position_ids = torch.arange(start, start + T, device=inputs_embeds.device)
         x = self.drop(inputs_embeds + self.pos_emb(position_ids))
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if recompute and past_kv is not None:  # the cache grows in place: a recomputed block would grow it twice
+            raise ValueError("gradient checkpointing cannot recompute blocks that update a past_kv cache "
+                             "(prefix tuning): set model.gradient_checkpointing = False")
         for block in self.blocks:
-            x = block(x, past_kv)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, past_kv)
         return self.head(self.ln_f(x))  # (B, T, vocab_size)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:

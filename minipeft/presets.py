@@ -47,13 +47,19 @@ class ModelShape:
             mlp = {"fc_gate": (C, F), **mlp}
         return {"q_proj": (C, C), "k_proj": (C, K), "v_proj": (C, K), "o_proj": (C, C), **mlp}
 
+    def tensors(self) -> list[int]:
+        """Sizes of the base model's parameter tensors: embeddings, per block the linear weights (and
+        biases) and the norms' weights (and biases), the final norm, the head (unless tied)."""
+        C, V = self.d_model, self.vocab_size
+        norm = [C, C] if self.norm == "layernorm" else [C]
+        linear = [size for i, o in self.linears().values() for size in ([i * o, o] if self.bias else [i * o])]
+        head = [] if self.tied_head else [V * C]
+        return [V * C] + ([self.n_positions * C] if self.n_positions else []) + (linear + 2 * norm) * self.n_layer \
+            + norm + head
+
     def n_params(self) -> int:
         """Parameters of the base model."""
-        C, V = self.d_model, self.vocab_size
-        norm = 2 * C if self.norm == "layernorm" else C
-        block = sum(i * o + (o if self.bias else 0) for i, o in self.linears().values()) + 2 * norm
-        head = 0 if self.tied_head else V * C
-        return V * C + self.n_positions * C + self.n_layer * block + norm + head
+        return sum(self.tensors())
 
 
 # Published shapes: the config.json of each model on the Hugging Face hub.
