@@ -14,7 +14,7 @@ from .tasks import (CHARS, DOWNSTREAM_TASKS, PRETRAIN_TASKS, TASKS, CharTokenize
                     encode_batch, exact_match, make_task, solve, token_accuracy, tokenizer)
 from .train import QUICK, History, budget, default_device, evaluate, train, train_step
 from .full import freeze, full_finetune, print_trainable_parameters, trainable_parameters
-from .base import base_report, load_base, pretrain
+from .base import FAMILY, FAMILY_DIR, base_report, family_bases, load_base, pretrain, pretrain_family
 
 # --- the methods, each in its own file, listed in one registry (methods.py) ---
 from .prompt import PromptTuningConfig, SoftPrompt, add_prompt_tuning

@@ -1,4 +1,5 @@
-"""Command line: ``python -m minipeft pretrain`` (re-make the shipped base model),
+"""Command line: ``python -m minipeft pretrain`` (re-make the shipped base model; ``--family``: the
+smaller bases of notebook 12 instead),
 ``python -m minipeft compare`` (every method on one task: the comparison table),
 ``python -m minipeft cache clear`` (forget every cached training run) and
 ``python -m minipeft warm`` (run every notebook once, filling the cache: the lecture path)."""
@@ -41,6 +42,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("pretrain", help="pretrain the base model on copy/reverse/sort/add and save it")
     p.add_argument("--out", default=None, help="output folder (default: data/base)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--family", nargs="*", default=None, metavar="NAME",
+                   help="pretrain the family of smaller bases (all, or those named) into data/family/<name>/")
     c = sub.add_parser("compare", help="run every method on one task and print the comparison table")
     c.add_argument("--quick", action="store_true", help="a small budget, the same code path (numbers mean little)")
     c.add_argument("--seeds", type=int, default=None, help="reported seeds per method (default 3)")
@@ -58,10 +61,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "pretrain":
-        from .base import BASE_DIR, pretrain
+        from .base import BASE_DIR, pretrain, pretrain_family
         overrides = {} if args.steps is None else {"steps": args.steps}
-        report = pretrain(args.out or BASE_DIR, **overrides)
-        print(json.dumps(report, indent=2))
+        if args.family is not None:
+            if args.out is not None:
+                parser.error("--out and --family do not go together: the family goes to data/family/<name>/")
+            print(json.dumps(pretrain_family(args.family or None, **overrides), indent=2))
+        else:
+            print(json.dumps(pretrain(args.out or BASE_DIR, **overrides), indent=2))
     if args.command == "cache":
         from .cache import clear_cache
         clear_cache()
