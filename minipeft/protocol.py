@@ -274,7 +274,8 @@ def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr
     if hit is not None:
         record, tensors = hit
         m = record["metrics"]
-        print(f"loaded from cache: {canonical(spec)} on {task.name} (seed {seed}, lr {lr:g}, {steps} steps)")
+        if not _IN_SEARCH:  # a search says it once for all its runs
+            print(f"loaded from cache: {canonical(spec)} on {task.name} (seed {seed}, lr {lr:g}, {steps} steps)")
         return RunResult(spec, seed, float(lr), History(**record["history"]), m["val"], m["test"], m["seconds"],
                          m["trainable"], m["total"], tensors if keep_tensors else None, cached=True,
                          track=m.get("track"))
@@ -322,6 +323,8 @@ def _tracker(model, tasks, every, n):
 
 
 # --- learning-rate search -------------------------------------------------------------------------
+
+_IN_SEARCH = False  # True while lr_search runs: its runs do not announce a cache hit one by one
 
 def log_grid(lo: float, hi: float, n: int = 5) -> list[float]:
     """``n`` points from ``lo`` to ``hi`` evenly spaced in log, to 3 significant digits:
@@ -402,10 +405,19 @@ def lr_search(spec: dict, build: Callable[[], nn.Module], task: Task, *, grid, s
             return (-1.0, -math.inf)
         return (statistics.fmean(r.val for r in runs[lr]), -loss)
 
-    _, lr, at_edge = grid_search(grid, score, max_widen)
+    global _IN_SEARCH
+    outer, _IN_SEARCH = _IN_SEARCH, True
+    try:
+        _, lr, at_edge = grid_search(grid, score, max_widen)
+        reported = runs[lr] + [run(spec, build, task, seed=s, lr=lr, steps=steps, **run_args)
+                               for s in seeds[search_seeds:]]
+    finally:
+        _IN_SEARCH = outer
+    every = [r for rs in runs.values() for r in rs] + reported[search_seeds:]
+    if any(r.cached for r in every):
+        print(f"loaded from cache: {sum(r.cached for r in every)} of the {len(every)} runs of the search "
+              f"{canonical(spec)} on {task.name} ({steps} steps)")
     if at_edge:
         print(f"lr_search: the best learning rate {lr:g} is still at the edge of the grid after "
               f"{max_widen} widenings; the optimum may lie beyond it")
-    reported = runs[lr] + [run(spec, build, task, seed=s, lr=lr, steps=steps, **run_args)
-                           for s in seeds[search_seeds:]]
     return Search(spec, lr, dict(sorted(runs.items())), reported, at_edge)

@@ -257,3 +257,18 @@ def test_equivalent_arguments_share_an_entry(tiny_config, tiny_task, tmp_path):
         assert P.run(SPEC, _builder(tiny_config, calls), tiny_task, **same, **args).cached
     assert not P.run(SPEC, _builder(tiny_config, calls), tiny_task, warmup=1, eval_examples=16, **args).cached
     assert len(calls) == 2 and not first.cached
+
+
+def test_a_search_says_once_how_many_of_its_runs_the_cache_held(tiny_config, tiny_task, tmp_path, capsys):
+    calls, cache = [], C.Cache(tmp_path, enabled=True)
+
+    def search():
+        return P.lr_search(SPEC, _builder(tiny_config, calls), tiny_task, grid=P.log_grid(1e-3, 1e-1), steps=2, seeds=2,
+                           max_widen=0, batch_size=8, device="cpu", eval_examples=16, cache=cache)
+    search()
+    trained = len(calls)                                   # 5 rates at seed 0, the chosen one at seed 1
+    assert trained == 6 and "loaded from cache" not in capsys.readouterr().out
+    search()
+    assert len(calls) == trained                           # nothing trained again
+    lines = [line for line in capsys.readouterr().out.splitlines() if "loaded from cache" in line]
+    assert len(lines) == 1 and "6 of the 6 runs" in lines[0]
