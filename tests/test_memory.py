@@ -75,6 +75,8 @@ def test_measure_rejects_bad_input(tiny_model):
     mp.full_finetune(tiny_model)
     with pytest.raises(ValueError, match="seq_len"):
         mp.measure_memory(tiny_model, seq_len=0)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        mp.measure_memory(tiny_model, optimizer="sgd")
 
 
 # --- the formula against the measurement ----------------------------------------------------------
@@ -161,6 +163,12 @@ def test_korthikanti_without_dropout():
     assert per_layer == s * b * h * 16 * 2 + 2 * a * s * s * b + 4 * s * b * 4 + s * s
 
 
+def test_repr_prints_binary_units():
+    """2**30 bytes is one GiB, not one GB (10**9): the repr says GiB."""
+    text = repr(mp.MemoryBreakdown({"float32": 3 * 2 ** 30}, 2 ** 20, 0, 512))
+    assert "weights=3.00 GiB" in text and "gradients=1.00 MiB" in text and "activations=512 B" in text
+
+
 def test_formula_rejects_bad_input():
     with pytest.raises(ValueError, match="unknown method"):
         predict_memory("toy", "no_such_method")
@@ -172,6 +180,12 @@ def test_formula_rejects_bad_input():
         predict_memory("GPT-5", "lora")
     with pytest.raises(ValueError, match="not linear layers"):
         predict_memory("toy", "lora", targets=("gate_proj",))
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        predict_memory("toy", "lora", optimizer="adam8bit")
+    with pytest.raises(TypeError, match="checkpointing"):
+        predict_memory("toy", "lora", checkpointing="yes")
+    with pytest.raises(ValueError, match="prefix"):
+        predict_memory("toy", "prefix", checkpointing=True)
 
 
 # --- plots and the widget's function ---------------------------------------------------------------
@@ -179,7 +193,7 @@ def test_formula_rejects_bad_input():
 def test_gpu_fit_by_hand():
     from minipeft.plots import gpu_fit
     twenty_gb = mp.MemoryBreakdown({"bfloat16": 20 * 2 ** 30})
-    assert gpu_fit(twenty_gb) == {16: False, 24: True, 40: True, 80: True}
+    assert gpu_fit(twenty_gb) == {16: False, 24: True, 40: True, 48: True, 80: True}
     assert gpu_fit(mp.MemoryBreakdown({"float32": 24 * 2 ** 30}))[24]  # exactly full still fits
 
 
@@ -193,7 +207,7 @@ def test_memory_estimate_over_its_range(method, base_dtype):
             memory_estimate("Llama-2-7B", method, base_dtype=base_dtype)
         return
     p, fits = memory_estimate("Llama-2-7B", method, 8, base_dtype, 4, 512)
-    assert p.total > 0 and set(fits) == {16, 24, 40, 80}
+    assert p.total > 0 and set(fits) == {16, 24, 40, 48, 80}
     if method == "full":  # 16 bytes per parameter before activations (REFERENCES, Memory)
         assert p.weight_bytes + p.gradients + p.optimizer == 16 * 6_738_415_616
     fig = plot_memory_estimate("Llama-2-7B", method, 8, base_dtype, 4, 512)
@@ -202,10 +216,10 @@ def test_memory_estimate_over_its_range(method, base_dtype):
 
 
 @pytest.mark.parametrize("preset,method,base_dtype,batch,labels", [
-    # 14 GB: the axis ends at 1.6 x 14 = 22 GB, so only the 16 GB line is drawn, and it fits
-    ("Llama-2-7B", "lora", "nf4", 4, [" 16 GB fits"]),
-    # 1,953 GB: the four lines lie within 6 % of the axis of each other and share one label
-    ("Llama-2-70B", "full", "bf16", 64, [" 16, 24, 40, 80 GB too small"]),
+    # 14 GiB: the axis ends at 1.6 x 14 = 22 GiB, so only the 16 GB GPU's line is drawn, and it fits
+    ("Llama-2-7B", "lora", "nf4", 4, [" 16 GB GPU fits"]),
+    # 1,953 GiB: the five lines lie within 6 % of the axis of each other and share one label
+    ("Llama-2-70B", "full", "bf16", 64, [" 16, 24, 40, 48, 80 GB GPU too small"]),
 ])
 def test_memory_estimate_labels_each_gpu_line_once(preset, method, base_dtype, batch, labels):
     import matplotlib.pyplot as plt
@@ -220,7 +234,7 @@ def test_breakdown_bars_stack_to_the_totals():
     from minipeft.plots import plot_memory_breakdown, plot_memory_scaling
     parts = {"a": mp.MemoryBreakdown({"float32": 2 ** 20}, 2 ** 20, 2 * 2 ** 20, 3 * 2 ** 20),
              "b": mp.MemoryBreakdown({"float32": 2 ** 20}, 0, 0, 5 * 2 ** 20)}
-    fig = plot_memory_breakdown(parts, unit="MB")
+    fig = plot_memory_breakdown(parts, unit="MiB")
     tops = {}
     for bar in fig.axes[0].patches:
         x = round(bar.get_x() + bar.get_width() / 2)
@@ -228,5 +242,99 @@ def test_breakdown_bars_stack_to_the_totals():
     assert tops == {0: pytest.approx(7.0), 1: pytest.approx(6.0)}
     plt.close(fig)
     fig = plot_memory_scaling("OPT-125M", batch_sizes=(1, 4), seq_len=128)
-    assert len(fig.axes[0].get_lines()) == 2 + 4  # two methods, four GPU sizes
+    assert len(fig.axes[0].get_lines()) == 2 + 5  # two methods, five GPU sizes
+    assert fig.axes[0].get_ylabel() == "GiB"
     plt.close(fig)
+    assert plot_memory_breakdown(parts, unit="GB").axes[0].get_ylabel() == "GiB"  # the old name: the same 2**30
+    with pytest.raises(ValueError, match="unit"):
+        plot_memory_breakdown(parts, unit="GiBs")
+    plt.close(fig)
+
+
+# --- gradient checkpointing and 8-bit optimizer state ----------------------------------------------
+
+CHECKPOINT_CASES = [c for c in CASES if c[0] != "prefix"]  # prefix tuning's cache cannot be recomputed
+
+
+@pytest.mark.parametrize("method,options", CHECKPOINT_CASES, ids=lambda v: str(v))
+def test_formula_matches_measurement_with_checkpointing(tiny_model, tiny_config, method, options):
+    """Held after the forward pass + the largest block recomputed: formula and measurement agree exactly.
+    Checkpointing saves (the smaller blocks' insides) - (the blocks' inputs): with two blocks it saves when
+    every block keeps a lot (full fine-tuning, prompt tuning), and can cost memory when the lowest block
+    keeps little (LoRA on o_proj only: block 0 keeps almost nothing, yet its input is held)."""
+    _apply(tiny_model, method, dict(options))
+    plain = mp.measure_memory(tiny_model, 3, 11)
+    tiny_model.gradient_checkpointing = True
+    measured = mp.measure_memory(tiny_model, 3, 11)
+    predicted = predict_memory(tiny_config, method, 3, 11, compute_dtype="fp32", checkpointing=True, **options)
+    assert measured.activations == predicted.activations
+    assert measured.recomputed == predicted.recomputed > 0
+    assert (measured.weights, measured.gradients, measured.optimizer) == (plain.weights, plain.gradients,
+                                                                          plain.optimizer)
+    if method in ("full", "prompt"):
+        assert measured.activations < plain.activations
+
+
+def test_checkpointing_by_hand():
+    """Two blocks, LoRA on q and v, B=2, T=5, C=8, fp32. Held after the forward pass: each block's input
+    (2 x 2 x 5 x 8 x 4 = 640 B), the final LayerNorm's input and statistics (320 + 2 x 10 x 4 = 400 B),
+    the fp32 log-softmax of the logits (10 x 7 x 4 = 280 B), the int64 targets (80 B) and the loss weight
+    (4 B): 1,404 B. Recomputed: the larger block, block 1 (its input needs a gradient, for block 0's LoRA)."""
+    config = mp.GPTConfig(vocab_size=7, block_size=8, d_model=8, n_layer=2, n_head=2, d_ff=16)
+    torch.manual_seed(0)
+    model = mp.add_lora(mp.GPT(config), r=2)
+    model.gradient_checkpointing = True
+    m = mp.measure_memory(model, 2, 5)
+    assert m.activations - m.recomputed == 640 + 400 + 280 + 80 + 4
+    # block 1 keeps, with a gradient flowing through it: ln_1's input + stats (320 + 80), ln_1's output u for
+    # the LoRA A gradients (320), LoRA's A u for q and v (2 x 10 x 2 x 4 = 160), k^T and q (2 x 320), the
+    # causal mask (25 bools), the softmax (2 x 2 x 5 x 5 x 4 = 400), v (320), ln_2's input + stats (400),
+    # GELU's input (10 x 16 x 4 = 640): 3,305 B
+    assert m.recomputed == 320 + 80 + 320 + 160 + 640 + 25 + 400 + 320 + 400 + 640
+
+
+def test_eight_bit_adamw_state_by_hand_and_bitsandbytes(tiny_model):
+    """bitsandbytes' AdamW8bit: one byte for m and one for v per parameter and an fp32 absmax per 256
+    of each, for tensors of >= 4,096 elements; smaller ones keep fp32 m and v (8 bytes); plus the two
+    256-entry fp32 code books (2 KiB), shared. Hand count for the tiny model (C=32, F=64, V=41, 48
+    positions, 2 layers), full fine-tuning: 8-bit: fc_in and fc_out weights (2,048 each) are below
+    4,096, so no tensor is! Everything stays fp32 -- the formula must say the same."""
+    mp.full_finetune(tiny_model)
+    n = mp.trainable_parameters(tiny_model)[0]
+    measured = mp.measure_memory(tiny_model, 2, 8, optimizer="adamw8bit")
+    assert measured.optimizer == 8 * n == predict_memory(tiny_model.config, "full", optimizer="adamw8bit").optimizer
+
+
+def test_eight_bit_adamw_state_on_large_tensors():
+    """C=64, F=128, V=13, 16 positions, 1 layer, LoRA r=64 on q and v: A and B are 64 x 64 = 4,096 each,
+    just 8-bit: each 2 x 4,096 + 2 x 4 x 16 absmax = 8,320 B; four tensors + 2,048 B of code books."""
+    config = mp.GPTConfig(vocab_size=13, block_size=16, d_model=64, n_layer=1, n_head=2, d_ff=128)
+    torch.manual_seed(0)
+    model = mp.add_lora(mp.GPT(config), r=64)
+    by_hand = 4 * (2 * 4096 + 2 * 4 * 16) + 2 * 256 * 4
+    assert mp.measure_memory(model, 2, 8, optimizer="adamw8bit").optimizer == by_hand
+    for optimizer in ("adamw8bit", "paged_adamw8bit"):  # paging moves the state, it does not shrink it
+        assert predict_memory(config, "lora", r=64, optimizer=optimizer).optimizer == by_hand
+    assert predict_memory(config, "lora", r=64).optimizer == 4 * 4096 * 8
+
+
+def test_eight_bit_adamw_on_llama_7b_is_a_quarter():
+    """Full fine-tuning of Llama-2-7B: 2 bytes (+ 8 bytes per 256) instead of 8 per parameter; the norms'
+    4,096-element weights are just large enough, so every tensor is 8-bit."""
+    n = 6_738_415_616
+    fp32 = predict_memory("Llama-2-7B", "full", 1, 1).optimizer
+    eight = predict_memory("Llama-2-7B", "full", 1, 1, optimizer="adamw8bit").optimizer
+    assert fp32 == 8 * n
+    assert eight == 2 * n + 8 * sum(-(-t // 256) for t in PRESETS["Llama-2-7B"].tensors()) + 2048
+    assert 0.25 < eight / fp32 < 0.26
+
+
+def test_checkpointing_on_llama_7b_holds_one_vector_per_token_and_layer():
+    """QLoRA on Llama-2-7B, batch 1 x 512 tokens, bf16 activations. Held after the forward pass: 32 block
+    inputs of 512 x 4,096 x 2 bytes (128 MiB), the final RMSNorm's input and fp32 1/rms (4 MiB + 2 KiB), the
+    fp32 log-softmax of the logits (512 x 32,000 x 4), the int64 targets and the loss weight."""
+    T, C, V = 512, 4096, 32000
+    plain = predict_memory("Llama-2-7B", "qlora", 1, T)
+    ck = predict_memory("Llama-2-7B", "qlora", 1, T, checkpointing=True)
+    assert ck.activations - ck.recomputed == 32 * T * C * 2 + (T * C * 2 + T * 4) + T * V * 4 + T * 8 + 4
+    assert ck.activations < plain.activations / 4
