@@ -79,8 +79,8 @@ def dashboard(deltas_full: dict, deltas_lora: dict, weights: dict, r: int = 8) -
 
 
 def memory_widget() -> w.VBox:
-    """Model preset, method, LoRA rank, base precision, batch and sequence length -> the predicted bar
-    and the GPU sizes it fits (:func:`minipeft.plots.plot_memory_estimate`)."""
+    """Model preset, method, LoRA rank, base precision, gradient checkpointing, batch, sequence length and
+    optimizer -> the predicted bar and the GPU sizes it fits (:func:`minipeft.plots.plot_memory_estimate`)."""
     from .methods import METHODS
     from .presets import PRESETS
     from .plots import plot_memory_estimate
@@ -92,15 +92,20 @@ def memory_widget() -> w.VBox:
         base_dtype=w.ToggleButtons(options=["fp32", "bf16", "nf4"], value="bf16", description="base weights",
                                    style={"description_width": "initial", "button_width": "64px"},
                                    tooltips=["32-bit", "16-bit (bfloat16)", "4-bit NF4 (with LoRA: QLoRA)"]),
+        checkpointing=w.Checkbox(value=False, description="gradient checkpointing"),
         batch_size=w.IntSlider(value=4, min=1, max=64, description="batch"),
         seq_len=w.Dropdown(options=[128, 256, 512, 1024, 2048, 4096], value=512, description="tokens"),
+        optimizer=w.Dropdown(options=[("AdamW, fp32 state", "adamw"), ("8-bit AdamW", "adamw8bit"),
+                                      ("paged 8-bit AdamW", "paged_adamw8bit")], value="adamw",
+                             description="optimizer"),
     )
 
     def rank_only_for_lora(method, **_):
         controls["r"].disabled = method != "lora"
 
-    return _FigureBox([w.HBox([controls["preset"], controls["method"], controls["r"]]), controls["base_dtype"],
-                       w.HBox([controls["batch_size"], controls["seq_len"]])],
+    return _FigureBox([w.HBox([controls["preset"], controls["method"], controls["r"]]),
+                       w.HBox([controls["base_dtype"], controls["checkpointing"]]),
+                       w.HBox([controls["batch_size"], controls["seq_len"], controls["optimizer"]])],
                       controls, plot_memory_estimate, before=rank_only_for_lora)
 
 

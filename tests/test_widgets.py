@@ -45,7 +45,7 @@ def pictures(items):
 
 def test_memory_widget_redraws_and_greys_out_the_rank(shown, drawn):
     box = widgets.memory_widget()
-    (preset, method, rank), base_dtype, (batch, tokens) = box.children[0].children, box.children[1], box.children[2].children
+    (preset, method, rank), (base_dtype, _), (batch, tokens, _) = (row.children for row in box.children[:3])
     assert len(pictures(shown)) == len(drawn) == 1 and not rank.disabled
     batch.value = 16
     assert len(pictures(shown)) == len(drawn) == 2
@@ -60,11 +60,40 @@ def test_memory_widget_redraws_and_greys_out_the_rank(shown, drawn):
 def test_memory_widget_refuses_full_finetuning_of_4bit_weights(shown, capsys):
     box = widgets.memory_widget()
     n = len(pictures(shown))
-    box.children[1].value = "nf4"
+    box.children[1].children[0].value = "nf4"
     box.children[0].children[1].value = "full"
     assert len(pictures(shown)) == n + 1   # the nf4 + lora figure; full + nf4 draws none
     assert "cannot train 4-bit weights" in capsys.readouterr().out
     assert "image/png" not in box._repr_mimebundle_()   # no stale picture of another setting
+
+
+def test_memory_widget_switches_checkpointing_and_the_optimizer(shown, drawn):
+    """Each switch redraws within a second and changes the bar as the formula says: checkpointing shrinks
+    the activations, the 8-bit optimizer the optimizer state (LoRA r=8 on Llama-2-7B: its tensors are large
+    enough to be 8-bit), and the label says which is on."""
+    import time
+
+    from minipeft.memory_formula import predict_memory
+    box = widgets.memory_widget()
+    (_, checkpointing), (_, _, optimizer) = box.children[1].children, box.children[2].children
+    start = time.perf_counter()
+    checkpointing.value = True
+    optimizer.value = "adamw8bit"
+    assert time.perf_counter() - start < 2.0 and len(pictures(shown)) == len(drawn) == 3
+    label = drawn[-1].axes[0].get_xticklabels()[0].get_text()
+    assert "checkpointing" in label and "adamw8bit" in label
+    on = predict_memory("Llama-2-7B", "lora", 4, 512, base_dtype="bf16", r=8, targets="all-linear",
+                        checkpointing=True, optimizer="adamw8bit")
+    off = predict_memory("Llama-2-7B", "lora", 4, 512, base_dtype="bf16", r=8, targets="all-linear")
+    assert on.activations < off.activations and on.optimizer < off.optimizer / 3
+    assert f"total {on.total / 2 ** 30:.1f} GiB" in drawn[-1].axes[0].get_title()
+
+
+def test_memory_widget_says_why_prefix_tuning_cannot_checkpoint(shown, capsys):
+    box = widgets.memory_widget()
+    box.children[1].children[1].value = True
+    box.children[0].children[1].value = "prefix"
+    assert "prefix" in capsys.readouterr().out and "image/png" not in box._repr_mimebundle_()
 
 
 def test_the_widget_carries_its_last_picture_for_untrusted_front_ends(shown, drawn):
