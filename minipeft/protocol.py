@@ -172,6 +172,10 @@ def verdict(measured, claimed: tuple[float, float], higher_is_better: bool | Non
 def print_verdict(claim: str, measured, claimed: tuple[float, float], higher_is_better: bool | None = True) -> str:
     """Print one line ``verdict: <word> | <claim> | measured ... | claimed ...`` with the rule; return the word."""
     word = verdict(measured, claimed, higher_is_better)
+    if isinstance(measured, float):          # 4 significant digits, not float noise (-0.0010000000000000009)
+        measured = f"{measured:.4g}"
+    elif isinstance(measured, tuple):
+        measured = "(" + ", ".join(f"{v:.4g}" for v in measured) + ")"
     print(f"verdict: {word} | {claim} | measured {measured} | claimed {claimed[0]:g} to {claimed[1]:g} "
           f"| rule: {VERDICT_RULE}")
     return word

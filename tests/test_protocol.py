@@ -131,6 +131,15 @@ def test_verdict_of_a_summary_and_the_printed_line(capsys):
         P.verdict((1.0, 0.0), (0.0, 1.0))
 
 
+def test_a_printed_verdict_shows_a_number_to_4_digits_not_its_float_noise(capsys):
+    P.print_verdict("differs by 0", 0.2 - 0.201, (-0.01, 0.01))        # -0.0010000000000000009 in binary
+    P.print_verdict("an interval", (0.1 + 0.2, 1 / 3), (0.0, 1.0))
+    P.print_verdict("a count", 3072, (0, 10_000))
+    out = capsys.readouterr().out.splitlines()
+    assert "| measured -0.001 |" in out[0] and "| measured (0.3, 0.3333) |" in out[1]
+    assert "| measured 3072 |" in out[2]
+
+
 # --- the grid search ---------------------------------------------------------------------------------
 
 def test_log_grid():
