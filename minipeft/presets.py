@@ -73,6 +73,11 @@ PRESETS = {
                              source="huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json"),
     "Llama-2-13B": ModelShape("Llama-2-13B", 32000, 5120, 40, 40, 13824, mlp="swiglu", bias=False, norm="rmsnorm",
                               source="huggingface.co/meta-llama/Llama-2-13b-hf/blob/main/config.json"),
+    # LLaMA (1): the 33B and 65B models of the QLoRA paper (Touvron et al. 2023, arXiv 2302.13971)
+    "LLaMA-33B": ModelShape("LLaMA-33B", 32000, 6656, 60, 52, 17920, mlp="swiglu", bias=False, norm="rmsnorm",
+                            source="huggingface.co/huggyllama/llama-30b/blob/main/config.json"),
+    "LLaMA-65B": ModelShape("LLaMA-65B", 32000, 8192, 80, 64, 22016, mlp="swiglu", bias=False, norm="rmsnorm",
+                            source="huggingface.co/huggyllama/llama-65b/blob/main/config.json"),
     "Llama-2-70B": ModelShape("Llama-2-70B", 32000, 8192, 80, 64, 28672, n_kv_head=8, mlp="swiglu", bias=False,
                               norm="rmsnorm", source="huggingface.co/meta-llama/Llama-2-70b-hf/blob/main/config.json"),
 }

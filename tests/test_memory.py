@@ -144,6 +144,13 @@ def test_preset_parameter_counts_match_published_models(name, published):
     assert PRESETS[name].n_params() == published
 
 
+@pytest.mark.parametrize("name,billions", [("LLaMA-33B", 32.5), ("LLaMA-65B", 65.2)])
+def test_llama_one_presets_match_the_papers_sizes(name, billions):
+    """Touvron et al. 2023 (arXiv 2302.13971), Table 2: 32.5B and 65.2B parameters (cut, not rounded, to
+    one decimal: the 65B model has 65.29 billion)."""
+    assert PRESETS[name].n_params() // 10 ** 8 == round(billions * 10)
+
+
 def test_sixteen_bytes_per_parameter_for_full_fine_tuning():
     """REFERENCES: fp32 AdamW 4 + 4 + 8; mixed precision bf16 2 + 2 + 12: 16 bytes per parameter."""
     for dtype in ("fp32", "bf16"):
