@@ -61,7 +61,8 @@ def plot_memory_estimate(preset: str = "Llama-2-7B", method: str = "lora", r: in
     fig, ax = plt.subplots(figsize=(5.5, 4))
     name = "QLoRA" if (method, base_dtype) == ("lora", "nf4") else method
     label = name + (f" r={r}" if method in ("lora", "qlora") else "") + f", {base_dtype} base"
-    label += (", checkpointing" if checkpointing else "") + ("" if optimizer == "adamw" else f", {optimizer}")
+    extras = [name for name, on in (("checkpointing", checkpointing), (optimizer, optimizer != "adamw")) if on]
+    label += "\n" + ", ".join(extras) if extras else ""
     plot_memory_breakdown({label: p}, ax=ax, unit="GiB", title="")
     ax.tick_params(axis="x", labelrotation=0)
     ax.get_xticklabels()[0].set_ha("center")
