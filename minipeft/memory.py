@@ -125,8 +125,8 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
 
     ``seq_len``: text tokens (prompt tuning adds its own). ``batch=(x, y)`` replaces the random tokens,
     ``loss(model, x, y)`` the course's cross-entropy (any network can be measured). ``optimizer``: "adamw"
-    (PyTorch's) or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (paged: CUDA only); its state is counted
-    by storage, shared tensors once. With ``model.gradient_checkpointing`` the hooks see what is held
+    (PyTorch's) or bitsandbytes' "adamw8bit" / "paged_adamw8bit" (on the CPU it warns and does not page);
+    its state is counted by storage, shared tensors once. With ``model.gradient_checkpointing`` the hooks see what is held
     between forward and backward (each block's input, kept by the checkpoint); each block's recomputed
     inside is counted by running the block again on its input, and the largest is added as ``recomputed``.
     The model is left as it was: weights restored, gradients cleared, every module's train/eval mode back.
@@ -158,24 +158,26 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
     frozen = list(model.parameters()) + list(model.buffers())
     blocks = list(getattr(model, "blocks", [])) if getattr(model, "gradient_checkpointing", False) else []
     inputs = []  # (block, its input) of each checkpointed block in the forward pass
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0]))) for b in blocks]
     model.train()
     try:
-        hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0]))) for b in blocks]
         with SavedTensors(exclude=frozen) as saved:
             value = (loss or loss_fn)(model, x, y)
         for h in hooks:
             h.remove()
         value.backward()
         grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        opt.step()
+        state = {_storage(t) for s in opt.state.values() for k, t in s.items() if k != "step" and torch.is_tensor(t)}
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
         recomputed = 0
         for block, inp in inputs:  # what the recomputation in backward saves: the block run again
             with SavedTensors(exclude=frozen) as inside:
                 block(inp)
             recomputed = max(recomputed, inside.nbytes)
-        opt.step()
-        state = {_storage(t) for s in opt.state.values() for k, t in s.items() if k != "step" and torch.is_tensor(t)}
-        peak = torch.cuda.max_memory_allocated(device) if cuda else None
     finally:
+        for h in hooks:
+            h.remove()
         with torch.no_grad():
             for p, b in zip(params, before):
                 p.copy_(b)

@@ -5,7 +5,8 @@ The same four parts as :func:`minipeft.measure_memory`, from arithmetic alone::
     weights     = sum over tensors of numel * bytes   (NF4: 0.5 byte per weight + one fp32 absmax per 64)
     gradients   = trainable * 4                        (bf16 full fine-tuning: * 2)
     optimizer   = trainable * 8                        AdamW's m and v in fp32 (bf16 full: + 4 for the fp32 master copy)
-                  trainable * 2 + absmax               8-bit AdamW (bitsandbytes; Dettmers et al. 2022, arXiv 2110.02861)
+                  trainable * 2 + absmax               8-bit AdamW (bitsandbytes; Dettmers et al. 2022,
+                                                       arXiv 2110.02861; see optimizer_bytes)
     activations = sum over layers of what autograd keeps for backward (below)
 
 Activations, per block, in elements (B batch, T tokens, C = d_model, F = d_ff, h heads, Tk = T + prefix),
@@ -130,7 +131,8 @@ def method_plan(shape: ModelShape, method: str, **options) -> Plan:
         return Plan(n_prefix=n, reparam_hidden=H if o["reparam"] else 0, tensors=tensors)
     where = tuple(path.split(".")[0] for path in PLACEMENTS[o["placement"]])  # ("attn", "mlp") or ("mlp",)
     b = o["bottleneck"]   # each adapter: down C x b + b, up b x C + C
-    return Plan(adapters=where, bottleneck=b, relu=o["activation"] == "relu", tensors=(C * b, b, b * C, C) * L * len(where))
+    return Plan(adapters=where, bottleneck=b, relu=o["activation"] == "relu",
+                tensors=(C * b, b, b * C, C) * L * len(where))
 
 
 def block_activations(shape: ModelShape, plan: Plan, B: int, T: int, grad_in: bool, act: int = 4,

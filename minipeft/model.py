@@ -14,7 +14,8 @@ The PEFT methods build on two generic extension points, as real model libraries 
 (prefix tuning pre-fills it; ``generate()`` decodes fast with it). ``position_ids`` says which learned
 position each input gets. ``model.gradient_checkpointing = True`` keeps only each block's input for the
 backward pass and recomputes the block's inside there (``torch.utils.checkpoint``; Chen et al. 2016,
-arXiv 1604.06174): less memory, one more forward pass of the blocks. Papers: Vaswani et al. 2017 (arXiv 1706.03762), Radford et al. 2019 (GPT-2).
+arXiv 1604.06174): less memory, one more forward pass of the blocks. Papers: Vaswani et al. 2017
+(arXiv 1706.03762), Radford et al. 2019 (GPT-2).
 """
 from __future__ import annotations
 

@@ -320,6 +320,8 @@ def test_eight_bit_adamw_state_on_large_tensors():
     model = mp.add_lora(mp.GPT(config), r=64)
     by_hand = 4 * (2 * 4096 + 2 * 4 * 16) + 2 * 256 * 4
     assert mp.measure_memory(model, 2, 8, optimizer="adamw8bit").optimizer == by_hand
+    with pytest.warns(UserWarning, match="[Pp]aged"):  # on the CPU: the same state, not paged
+        assert mp.measure_memory(model, 2, 8, optimizer="paged_adamw8bit").optimizer == by_hand
     for optimizer in ("adamw8bit", "paged_adamw8bit"):  # paging moves the state, it does not shrink it
         assert predict_memory(config, "lora", r=64, optimizer=optimizer).optimizer == by_hand
     assert predict_memory(config, "lora", r=64).optimizer == 4 * 4096 * 8

@@ -81,7 +81,8 @@ def plot_memory_estimate(preset: str = "Llama-2-7B", method: str = "lora", r: in
             groups.append([g])
     for group in groups:
         sizes = ", ".join(str(g) for g in group)
-        ax.text(0.5, group[-1], f" {sizes} GB GPU {'fits' if fits[group[-1]] else 'too small'}", va="bottom", fontsize=8)
+        ax.text(0.5, group[-1], f" {sizes} GB GPU {'fits' if fits[group[-1]] else 'too small'}", va="bottom",
+                fontsize=8)
     fits_text = ", ".join(f"{g} GB" for g, ok in fits.items() if ok) or "none of the 16-80 GB GPUs"
     ax.set_title(f"{preset}, batch {batch_size} x {seq_len} tokens\ntotal {p.total / 2 ** 30:.1f} GiB; fits: {fits_text}",
                  fontsize=10)
