@@ -13,13 +13,11 @@ MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations")
 MEMORY_COLORS = ("#4c72b0", "#dd8452", "#c44e52", "#55a868")
 GPU_SIZES_GB = (16, 24, 40, 48, 80)  # as sold; each holds that many GiB
 UNITS = {"KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}
-OLD_UNITS = {"kB": "KiB", "MB": "MiB", "GB": "GiB"}  # the names this library used for the same binary sizes
 
 
 def plot_memory_breakdown(breakdowns: dict, ax=None, unit: str = "MiB", title: str = "memory of one training step"):
     """Stacked bars of ``{label: MemoryBreakdown}``: weights, gradients, optimizer state, activations.
-    ``unit``: "KiB", "MiB" or "GiB" (the old names "kB", "MB", "GB" mean the same binary sizes)."""
-    unit = OLD_UNITS.get(unit, unit)
+    ``unit``: "KiB", "MiB" or "GiB"."""
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {list(UNITS)}, got {unit!r}")
     scale = UNITS[unit]
