@@ -33,6 +33,8 @@ from .qlora import Linear4bit, NF4Config, dequantize_nf4, linear4bit_layers, qua
 from .memory import MemoryBreakdown, SavedTensors, measure_memory, weight_bytes
 from .memory_formula import predict_memory
 from .presets import PRESETS, ModelShape
+# --- data parallel: the same training loop on several processes, DDP's all-reduce counted (distributed.py) ---
+from .distributed import DataParallelRun, train_data_parallel
 # --- saving and loading adapters (io.py) ---
 from .io import (AdapterFileError, BaseMismatchError, base_fingerprint, base_state_dict, load_adapter,
                  read_adapter_config, save_adapter)

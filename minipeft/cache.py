@@ -50,8 +50,9 @@ def enabled_by_env() -> bool:
 
 
 # files that no training run executes (reports, plots, widgets, the memory formula and its presets, the
-# command line): editing them keeps every cached run
-NOT_RUN = ("__main__.py", "report.py", "widgets.py", "plots/", "presets.py", "memory_formula.py", "memory.py")
+# command line, the data-parallel launcher, whose runs are never cached): editing them keeps every cached run
+NOT_RUN = ("__main__.py", "report.py", "widgets.py", "plots/", "presets.py", "memory_formula.py", "memory.py",
+           "distributed.py")
 
 
 def _hash_files(package: Path) -> str:

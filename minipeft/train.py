@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .common import boolean, integer, module, non_negative_float, positive_float, positive_int
@@ -108,18 +109,24 @@ class NonFiniteStep(ValueError):
 
 
 def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, params,
-               autocast=None, max_norm: float = 1.0) -> float:
+               autocast=None, max_norm: float = 1.0, scale: float = 1.0, world: int = 1) -> float:
     """One optimisation step: loss, backward, clip the gradient norm to ``max_norm``, ``opt.step()``.
 
     Returns the loss. Raises :class:`NonFiniteStep` *before* ``opt.step()`` when the loss or the
-    gradient norm is not finite, so a bad step never reaches the weights.
+    gradient norm is not finite, so a bad step never reaches the weights. Data parallel (``model``
+    wrapped in DDP, ``world`` ranks): this rank's loss is multiplied by ``scale`` before backward, and
+    the loss returned is the whole batch's (the ranks' shares summed: one 4-byte all-reduce).
     """
     with autocast if autocast is not None else contextlib.nullcontext():
-        loss = loss_fn(model, x, y)
+        loss = loss_fn(model, x, y) * scale
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # under DDP this also all-reduces (averages) the gradients, bucket by bucket
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    value, norm = torch.stack([loss.detach().float(), norm.float()]).tolist()  # one host sync a step
+    value = loss.detach().float()
+    if world > 1:
+        value = value / world
+        torch.distributed.all_reduce(value)
+    value, norm = torch.stack([value, norm.float()]).tolist()  # one host sync a step
     if not (math.isfinite(value) and math.isfinite(norm)):
         raise NonFiniteStep(f"loss {value}, gradient norm {norm}")
     opt.step()
@@ -144,6 +151,9 @@ def train(model: torch.nn.Module, task, steps: int = 400, lr: float = 1e-3, batc
     ``eval_every > 0`` the exact match on train and val is recorded every that many steps and at the end.
     The model ends in eval mode, gradients cleared; on an error it keeps its train/eval mode, and a step
     with a non-finite loss or gradient norm raises ``ValueError`` with the weights as before that step.
+    A model wrapped in ``DistributedDataParallel`` trains, on each rank, on its rows of the same batches
+    (every ``world``-th row), so that the ranks together take the 1-process run's steps
+    (:mod:`minipeft.distributed` launches them).
     """
     # every check first: nothing is touched until all arguments are known to be good
     steps, batch_size = positive_int("steps", steps), positive_int("batch_size", batch_size)
@@ -153,6 +163,10 @@ def train(model: torch.nn.Module, task, steps: int = 400, lr: float = 1e-3, batc
     progress = boolean("progress", progress)
     device = default_device() if device is None else _device(device)
     module("model", model)
+    world = torch.distributed.get_world_size() if isinstance(model, DistributedDataParallel) else 1
+    if batch_size < world:
+        raise ValueError(f"batch_size {batch_size} is smaller than the {world} data-parallel ranks: "
+                         "every rank needs at least one example a step")
     tasks = _tasks(task)
     texts = [text for t in tasks for text in t.train]
     if eval_every and not all(t.val for t in tasks):
@@ -166,7 +180,7 @@ def train(model: torch.nn.Module, task, steps: int = 400, lr: float = 1e-3, batc
     try:
         model.to(device)
         hist = _loop(model, tasks, texts, params, steps, lr, batch_size, seed, warmup, weight_decay,
-                     eval_every, device, progress)
+                     eval_every, device, progress, world)
     except BaseException:
         model.train(was_training)
         raise
@@ -181,13 +195,21 @@ def train(model: torch.nn.Module, task, steps: int = 400, lr: float = 1e-3, batc
 
 
 def _loop(model, tasks, texts, params, steps, lr, batch_size, seed, warmup, weight_decay, eval_every,
-          device, progress) -> History:
+          device, progress, world=1) -> History:
     torch.manual_seed(seed)  # dropout and anything else random inside the model
     gen = torch.Generator().manual_seed(seed)  # which examples go in which batch
     X, Y = encode_batch(texts)  # encoded once; a step only indexes rows
     lengths = (Y != IGNORE).int().cumsum(1).argmax(1) + 1  # last scored position + 1, per row
     rows = torch.randint(len(texts), (steps, batch_size), generator=gen)  # every batch, drawn up front
     T = lengths[rows].amax(1).tolist()  # the length of each batch, without a sync per step
+    scale = [1.0] * steps
+    if world > 1:  # data parallel: every rank drew the same batches above and trains on its rows of each:
+        # rank, rank + world, ... DDP averages the gradients over the ranks, so a rank's mean loss is weighted
+        # by world x (its scored tokens) / (the batch's): the average is then the whole batch's mean loss
+        scored = (Y != IGNORE).sum(1)[rows].double()  # (steps, batch_size): answer characters per row
+        rank = torch.distributed.get_rank()
+        scale = (world * scored[:, rank::world].sum(1) / scored.sum(1)).tolist()
+        rows = rows[:, rank::world]
     X, Y = X.to(device), Y.to(device)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -200,7 +222,7 @@ def _loop(model, tasks, texts, params, steps, lr, batch_size, seed, warmup, weig
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         try:
-            hist.loss.append(train_step(model, opt, x, y, params, autocast))
+            hist.loss.append(train_step(model, opt, x, y, params, autocast, scale=scale[step], world=world))
         except NonFiniteStep as err:
             raise NonFiniteStep(
                 f"training stopped at step {step} (of {steps}): {err} at learning rate {lr_at(step, steps, lr, warmup):.3g}; "
