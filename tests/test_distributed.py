@@ -17,10 +17,12 @@ CONFIG = mp.GPTConfig(d_model=32, n_layer=2, n_head=4, d_ff=64, block_size=48)  
 TRAIN = dict(steps=6, lr=1e-3, batch_size=16, seed=3)
 # Why not bit-equal: each rank runs half the batch (other matmul shapes, other summation order) and the
 # all-reduce adds the two halves' gradients in another order than one backward does; float32 rounding
-# (~1e-7 relative) then passes through AdamW's division by sqrt(v) for a few steps. The parameters move
-# by ~1e-3 a step (lr), so 1e-5 is 1 % of one step. A realistic mistake exceeds it: each rank taking its
-# plain mean loss (not weighted by its share of the answer characters) misses by 3e-4 to 3e-3 here.
-ATOL, RTOL = 1e-5, 1e-4
+# (~1e-7 relative) then passes through AdamW, which divides by each element's gradient size and so enlarges
+# the rounding of elements whose gradient is near zero. A weight moves by ~lr = 1e-3 a step; atol 1e-4 is a
+# tenth of that. Measured on the toy base, 10 steps: the correct runs differ by 3e-6 to 2e-5 (4 seeds);
+# a realistic mistake, each rank taking its plain mean loss (not weighted by its share of the answer
+# characters), by 3e-3 to 6e-3; on this tiny model by 3e-4 to 3e-3 (and its losses by 4e-4 to 1e-3).
+ATOL, RTOL = 1e-4, 1e-4
 
 
 def task():
@@ -80,7 +82,7 @@ def test_two_processes_match_one_with_the_same_global_batch(which, request):
             compared += 1
     assert compared >= 4
     moved = max((p.detach() - start[n]).abs().max().item() for n, p in one.named_parameters() if p.requires_grad)
-    assert moved > 50 * ATOL  # the runs trained: a check that would pass untrained is no check
+    assert moved > 10 * ATOL  # the runs trained: a check that would pass untrained is no check
     assert not two.training
 
 
