@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: lab test unit browser notebooks pretrain warm clean dashboard
+.PHONY: lab test unit browser notebooks pretrain pretrain-family warm clean dashboard
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ dashboard: $(VENV)/.installed
 
 pretrain: $(VENV)/.installed
 	$(PY) -m minipeft pretrain
+
+# the smaller bases of notebook 12 (data/family/), by the shipped base's recipe
+pretrain-family: $(VENV)/.installed
+	$(PY) -m minipeft pretrain --family
 
 clean:
 	rm -rf $(VENV)
