@@ -19,6 +19,7 @@ temporaries no hook sees). :mod:`minipeft.memory_formula` predicts the same numb
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -119,6 +120,19 @@ class SavedTensors:
         return sum(self.storages.values())
 
 
+def _import_bitsandbytes():
+    """``bitsandbytes``, imported without its warning (on CPUs with AVX512-BF16) that an optional kernel
+    package, fetched from the internet at run time, is missing: its 8-bit optimizers do not use it."""
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        log.setLevel(level)
+    return bitsandbytes
+
+
 def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, batch=None, loss=None,
                    seed: int = 0, optimizer: str = "adamw") -> MemoryBreakdown:
     """Run one AdamW training step of ``model`` and count its memory by kind (a :class:`MemoryBreakdown`).
@@ -152,7 +166,7 @@ def measure_memory(model: nn.Module, batch_size: int = 32, seq_len: int = 32, ba
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), foreach=False)
     else:
-        import bitsandbytes as bnb
+        bnb = _import_bitsandbytes()
         opt = (bnb.optim.PagedAdamW8bit if optimizer.startswith("paged") else bnb.optim.AdamW8bit)(
             params, lr=1e-3, betas=(0.9, 0.95))
     frozen = list(model.parameters()) + list(model.buffers())
