@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: lab test unit browser notebooks pretrain pretrain-family warm clean dashboard
+.PHONY: lab test unit browser pretrain pretrain-family warm clean dashboard
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
