@@ -21,9 +21,8 @@ from pathlib import Path
 
 import nbformat
 import torch
-from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parents[1]
+from minipeft.__main__ import NOTEBOOKS, execute, notebooks
 
 
 def run_notebook(path: Path, cache_dir: Path, store: bool = False) -> tuple[float, int, float]:
@@ -32,10 +31,8 @@ def run_notebook(path: Path, cache_dir: Path, store: bool = False) -> tuple[floa
     with tempfile.NamedTemporaryFile("r", suffix=".steps") as log:
         os.environ.update(MINIPEFT_QUICK="0", MINIPEFT_CACHE="1", MINIPEFT_CACHE_DIR=str(cache_dir),
                           MINIPEFT_STEP_LOG=log.name)  # the kernel inherits this environment
-        nb = nbformat.read(path, as_version=4)
         t0 = time.perf_counter()
-        NotebookClient(nb, timeout=3600, store_widget_state=True,
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        nb = execute(path)
         seconds = time.perf_counter() - t0
         runs = [tuple(int(v) for v in line.split("\t")[:2]) for line in log.read().splitlines() if line.strip()]
     if store:
@@ -50,8 +47,7 @@ def main(argv=None) -> None:
     parser.add_argument("--store", action="store_true", help="save the cold run's outputs into the notebooks")
     parser.add_argument("--cold-only", action="store_true", help="skip the warm pass")
     args = parser.parse_args(argv)
-    paths = [Path(p) if Path(p).exists() else ROOT / "notebooks" / p for p in args.notebooks] or \
-        sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    paths = [Path(p) if Path(p).exists() else NOTEBOOKS / p for p in args.notebooks] or notebooks()
     cache_dir = Path(args.cache or tempfile.mkdtemp(prefix="minipeft-course-cache-"))
     print(f"{len(paths)} notebooks | cache {cache_dir} | torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads ({os.environ.get('OMP_NUM_THREADS', 'OMP_NUM_THREADS unset')}) | "

@@ -19,17 +19,25 @@ def notebooks(folder=NOTEBOOKS) -> list[Path]:
     return sorted(p for p in Path(folder).glob("[0-9][0-9]_*.ipynb"))
 
 
+def execute(path):
+    """Run the notebook at ``path`` top to bottom in a fresh kernel (in its own folder, with this process's
+    environment) and return it with its outputs and widget state; the file is not changed."""
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=3600, store_widget_state=True,
+                   resources={"metadata": {"path": str(Path(path).parent)}}).execute()
+    return nb
+
+
 def warm(paths=None) -> dict[str, float]:
     """Execute every notebook in default mode with the cache on (nothing saved): afterwards Run All of
     any of them loads its training runs from the cache. Prints and returns each one's wall time."""
-    import nbformat
-    from nbclient import NotebookClient
     os.environ.update(MINIPEFT_QUICK="0", MINIPEFT_CACHE="1")  # the kernels inherit this environment
     times = {}
     for path in paths or notebooks():
         t0 = time.perf_counter()
-        nb = nbformat.read(path, as_version=4)
-        NotebookClient(nb, timeout=3600, resources={"metadata": {"path": str(Path(path).parent)}}).execute()
+        execute(path)
         times[Path(path).name] = time.perf_counter() - t0
         print(f"{Path(path).name}: {times[Path(path).name] / 60:.1f} min", flush=True)
     print(f"all {len(times)} notebooks: {sum(times.values()) / 60:.1f} min")
