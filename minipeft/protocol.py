@@ -241,10 +241,11 @@ def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr
         batch_size: int = 32, warmup: int | None = None, weight_decay: float = 0.0, eval_every: int = 0,
         eval_examples: int | None = 1000, device=None, keep_tensors: bool = False, cache=None,
         progress: bool = False, track: dict[str, Task] | None = None, track_every: int = 0,
-        track_examples: int = 200) -> RunResult:
+        track_examples: int = 200, announce: bool = True) -> RunResult:
     """Train ``build()`` (a fresh model with the method applied; ``spec`` describes it as JSON) on
     ``task`` and score it, or load the same run from the cache. ``cache``: None = the default
     :class:`~minipeft.cache.Cache` (off when ``MINIPEFT_CACHE=0``), False = off, or a Cache.
+    ``announce``: print a line when the run is loaded from the cache (a search says it once for all its runs).
 
     ``track``: tasks by name, scored (exact match on ``track_examples`` val examples each) before the
     first step, every ``track_every`` steps and at the end, into ``RunResult.track`` (the steps' time
@@ -278,7 +279,7 @@ def run(spec: dict, build: Callable[[], nn.Module], task: Task, *, seed: int, lr
     if hit is not None:
         record, tensors = hit
         m = record["metrics"]
-        if not _IN_SEARCH:  # a search says it once for all its runs
+        if announce:
             print(f"loaded from cache: {canonical(spec)} on {task.name} (seed {seed}, lr {lr:g}, {steps} steps)")
         return RunResult(spec, seed, float(lr), History(**record["history"]), m["val"], m["test"], m["seconds"],
                          m["trainable"], m["total"], tensors if keep_tensors else None, cached=True,
@@ -328,7 +329,6 @@ def _tracker(model, tasks, every, n):
 
 # --- learning-rate search -------------------------------------------------------------------------
 
-_IN_SEARCH = False  # True while lr_search runs: its runs do not announce a cache hit one by one
 
 def log_grid(lo: float, hi: float, n: int = 5) -> list[float]:
     """``n`` points from ``lo`` to ``hi`` evenly spaced in log, to 3 significant digits:
@@ -403,20 +403,16 @@ def lr_search(spec: dict, build: Callable[[], nn.Module], task: Task, *, grid, s
     runs: dict[float, list[RunResult]] = {}
 
     def score(lr):
-        runs[lr] = [run(spec, build, task, seed=s, lr=lr, steps=steps, **run_args) for s in seeds[:search_seeds]]
+        runs[lr] = [run(spec, build, task, seed=s, lr=lr, steps=steps, announce=False, **run_args)
+                    for s in seeds[:search_seeds]]
         loss = statistics.fmean(r.final_loss for r in runs[lr])
         if not math.isfinite(loss):
             return (-1.0, -math.inf)
         return (statistics.fmean(r.val for r in runs[lr]), -loss)
 
-    global _IN_SEARCH
-    outer, _IN_SEARCH = _IN_SEARCH, True
-    try:
-        _, lr, at_edge = grid_search(grid, score, max_widen)
-        reported = runs[lr] + [run(spec, build, task, seed=s, lr=lr, steps=steps, **run_args)
-                               for s in seeds[search_seeds:]]
-    finally:
-        _IN_SEARCH = outer
+    _, lr, at_edge = grid_search(grid, score, max_widen)
+    reported = runs[lr] + [run(spec, build, task, seed=s, lr=lr, steps=steps, announce=False, **run_args)
+                           for s in seeds[search_seeds:]]
     every = [r for rs in runs.values() for r in rs] + reported[search_seeds:]
     if any(r.cached for r in every):
         print(f"loaded from cache: {sum(r.cached for r in every)} of the {len(every)} runs of the search "
