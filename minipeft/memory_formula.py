@@ -44,7 +44,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .common import boolean, positive_int
-from .memory import MemoryBreakdown
+from .memory import OPTIMIZERS, MemoryBreakdown
 from .model import GPTConfig
 from .adapter import PLACEMENTS
 from .methods import METHODS as REGISTRY
@@ -57,7 +57,6 @@ DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 BASE_DTYPES = ("fp32", "bf16", "nf4")
 METHODS = (*REGISTRY, "qlora")  # QLoRA: LoRA's options on a 4-bit base
 NF4_BLOCK = NF4Config.blocksize  # weights per absmax constant
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # bitsandbytes 0.50, optim/optimizer.py: Optimizer2State.init_state
 
 
